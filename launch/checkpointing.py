@@ -1,0 +1,117 @@
+"""The one checkpoint facade of the suite, over orbax V1 `training.Checkpointer`.
+
+Saves every `save_every` steps, keeps the latest `keep`, restores against an abstract
+state (`jax.eval_shape` output, with shardings) so a checkpoint never silently lands on
+another topology. The V1 API is used through its public names only.
+
+Two guarantees the launcher relies on:
+
+* A checkpoint that cannot be read (missing files, garbled data) raises a
+  `CheckpointError` that names the step and directory, before anything is written; a run
+  never starts over in a directory whose checkpoints it could not read, so good
+  checkpoints are never evicted by a fresh run.
+* Saves are synchronous: when `save` returns, the step is on disk, so a run killed right
+  after can resume from it.
+"""
+
+import os
+from typing import Any
+
+import jax
+from orbax.checkpoint import v1 as ocp
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be found or read; the message says which and where."""
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  """Shapes, dtypes and shardings of `tree`, for restoring onto the same layout."""
+  def leaf(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree.map(leaf, tree)
+
+
+class Checkpoints:
+  """Periodic checkpoints of one run's state in `directory`.
+
+  Args:
+    directory: where step folders live (created on first save).
+    save_every: save when `step % save_every == 0` (and always when forced).
+    keep: how many of the latest checkpoints to keep.
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int = 2):
+    if save_every <= 0 or keep <= 0:
+      raise ValueError(f"save_every={save_every} and keep={keep} must be > 0")
+    self.directory = os.path.abspath(directory)
+    self._checkpointer = ocp.training.Checkpointer(
+        self.directory,
+        save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(
+            save_every),
+        preservation_policy=ocp.training.preservation_policies.LatestN(keep))
+
+  def steps(self) -> list[int]:
+    """Steps of the committed checkpoints, oldest first."""
+    return sorted(int(m.step) for m in self._checkpointer.checkpoints)
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
+    """Saves `state` at `step` if the interval says so (or `force`); returns whether it did."""
+    if not force and not self._checkpointer.should_save(step):
+      return False
+    saved = self._checkpointer.save(step, state, force=force)
+    self._checkpointer.wait()
+    return bool(saved)
+
+  def restore(self, like: PyTree, step: int | None = None) -> PyTree:
+    """Loads the checkpoint at `step` (default: the latest) onto the layout of `like`.
+
+    Args:
+      like: a state, or its `jax.eval_shape`/`abstract_like` abstraction, giving the
+        tree structure, shapes, dtypes and shardings to restore onto.
+      step: which checkpoint; `None` means the latest.
+
+    Raises:
+      CheckpointError: when there is no such checkpoint or it cannot be read.
+    """
+    available = self.steps()
+    if step is None:
+      if not available:
+        raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
+      step = available[-1]
+    if step not in available:
+      raise CheckpointError(
+          f"no checkpoint for step {step} in {self.directory}; available steps: "
+          f"{available or 'none'}")
+    abstract = abstract_like(like) if not _is_abstract(like) else like
+    try:
+      return self._checkpointer.load(step, abstract)
+    except Exception as e:  # orbax raises many types; all mean "unreadable".
+      others = [s for s in available if s != step]
+      raise CheckpointError(
+          f"checkpoint for step {step} in {self.directory} is unreadable "
+          f"({type(e).__name__}); it was left untouched. Delete "
+          f"{os.path.join(self.directory, str(step))} to resume from an earlier step "
+          f"({others or 'none'}), or use a fresh workdir") from e
+
+  def close(self) -> None:
+    self._checkpointer.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _is_abstract(tree: PyTree) -> bool:
+  return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))

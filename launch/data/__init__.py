@@ -1,0 +1,1 @@
+"""Data: generated datasets, the random-access source protocol and a tfds adapter."""
