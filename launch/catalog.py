@@ -2,6 +2,7 @@
 
     python -m jaxrepro.launch.catalog [--family=graph] [--status=done]
     python -m jaxrepro.launch.catalog --markdown   # the README table, with measured results
+    python -m jaxrepro.launch.catalog --update_readme=README.md   # rewrite it in place
 
 The catalog itself is `launch/catalog.json` (one row per paper of
 `shared/papers/CATALOG.md`, with fixed short names). The `--markdown` table takes each
@@ -21,6 +22,10 @@ flags.DEFINE_enum("status", None, list(experiment.STATUSES), "Only papers with t
 flags.DEFINE_bool("markdown", False, "Print the README's paper table.")
 flags.DEFINE_string("reproduction", "REPRODUCTION.md",
                     "Report to take measured results from (with --markdown).")
+flags.DEFINE_string("update_readme", None,
+                    "Rewrite the paper table between the markers of this README file.")
+
+BEGIN, END = "<!-- papers:begin -->\n", "<!-- papers:end -->"
 
 
 def _result_cell(short: str, sections: dict[str, str]) -> str:
@@ -53,9 +58,24 @@ def markdown_table(reproduction_path: str) -> str:
                                rows)
 
 
+def update_readme(path: str, reproduction_path: str) -> None:
+  """Replaces the table between the paper markers of `path`."""
+  with open(path) as f:
+    text = f.read()
+  if BEGIN not in text or END not in text:
+    raise app.UsageError(f"{path} has no {BEGIN.strip()} ... {END} markers")
+  head, rest = text.split(BEGIN, 1)
+  tail = rest.split(END, 1)[1]
+  with open(path, "w") as f:
+    f.write(head + BEGIN + markdown_table(reproduction_path) + END + tail)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.update_readme:
+    update_readme(FLAGS.update_readme, FLAGS.reproduction)
+    return
   if FLAGS.markdown:
     sys.stdout.write(markdown_table(FLAGS.reproduction))
     return
