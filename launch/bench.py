@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 from jaxrepro.configs.common import ConfigError
-from jaxrepro.launch import benchmarking, experiment, report
+from jaxrepro.launch import benchmarking, experiment, report, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("papers", None, "Papers to benchmark (default: every paper with one).")
@@ -41,12 +41,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   names = FLAGS.papers or list(experiment.implemented())
   drivers = {}
-  for name in names:
-    try:
-      driver = experiment.load(name)
-    except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  try:
+    # Before JAX starts: the simulated CPU devices the demos need (as in reproduce).
+    run.configure_cpu_devices(max(
+        experiment.config_module(n).get_config("demo").get("cpu_devices", 1) for n in names))
+    loaded = {name: experiment.load(name) for name in names}
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for name, driver in loaded.items():
     if hasattr(driver, "benchmark"):
       drivers[name] = driver
     elif FLAGS.papers:

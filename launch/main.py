@@ -57,6 +57,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  run.configure_cpu_devices(FLAGS.config.get("cpu_devices", 1))
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                          auto=FLAGS.distributed_auto)

@@ -38,8 +38,8 @@ def plot_metrics(rows: Sequence[Mapping], path: str, *, max_panels: int = 6) -> 
 
   Metrics are grouped by their last path component (`mf/eval/recall@20` and
   `ultragcn/eval/recall@20` share the `recall@20` panel), so a method and its baseline
-  trained in one run are drawn on the same axes. Returns `path`, or `None` when there is
-  nothing to plot.
+  trained in one run are drawn on the same axes. Returns `path`, or `None` when no metric
+  has two or more points.
   """
   panels = collections.defaultdict(dict)
   for row in rows:
@@ -52,6 +52,9 @@ def plot_metrics(rows: Sequence[Mapping], path: str, *, max_panels: int = 6) -> 
       series = panels[f"{group}: {name}"].setdefault(key, ([], []))
       series[0].append(row["step"])
       series[1].append(value)
+  # A metric logged once (a measurement, not a curve) is left to the summary.
+  panels = {name: series for name, series in panels.items()
+            if any(len(x) > 1 for x, _ in series.values())}
   if not panels:
     return None
   names = sorted(panels, key=lambda n: (not n.startswith("eval"), n))[:max_panels]

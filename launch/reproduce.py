@@ -53,12 +53,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   names = FLAGS.papers or list(experiment.implemented())
-  for name in names:
-    try:
+  try:
+    configs = [experiment.config_module(n).get_config(FLAGS.variant) for n in names]
+    # One process runs every paper, so it asks once (before JAX starts a backend) for the
+    # most simulated CPU devices any of them needs.
+    run.configure_cpu_devices(max(c.get("cpu_devices", 1) for c in configs))
+    for name in names:
       experiment.load(name)
-    except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrepro-reproduce-")
   rows, sections, failed = [], {}, False
   for name in names:

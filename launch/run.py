@@ -23,6 +23,22 @@ SUMMARY_FILE = "summary.json"
 RESUME_MODES = train_loop.RESUME_MODES
 
 
+def configure_cpu_devices(count: int) -> None:
+  """Asks JAX for `count` simulated CPU devices, before its backends start.
+
+  Papers whose demo needs a multi-device mesh on a laptop set `config.cpu_devices`; the
+  option only shapes the CPU backend, so it is harmless on GPU and TPU hosts. Once a
+  backend has started the count is fixed, and the paper's driver checks that it has the
+  devices it needs (a clear error otherwise).
+  """
+  if count <= 1:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # Backend already initialised (a notebook, a test): keep its devices.
+
+
 def validate(config: ml_collections.ConfigDict) -> ModuleType:
   """Checks a config against its paper and returns the paper's driver module.
 

@@ -1,0 +1,1 @@
+"""Parallelism schemes for attention and training: sequence, tensor and pipeline parallel."""
