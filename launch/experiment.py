@@ -11,6 +11,9 @@ where a paper's config meets its library code, and it exposes:
   and checks them.
 * `benchmark(quick: bool) -> list[launch.benchmarking.Row]` (optional): side-by-side
   timings against the baseline the paper beats; `launch.bench` collects them.
+* `check_config(config)` (optional): raises `ConfigError` for values that are valid one
+  by one but not together (a length that the device count does not divide), so the
+  launcher rejects them before any work starts.
 
 Adding a paper never edits the launcher: the config's `name` field picks the driver.
 """

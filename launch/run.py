@@ -52,6 +52,8 @@ def validate(config: ml_collections.ConfigDict) -> ModuleType:
   driver = experiment.load(config.name)
   choices = getattr(experiment.config_module(config.name), "CHOICES", {})
   check_choices(config, choices)
+  if hasattr(driver, "check_config"):
+    driver.check_config(config)
   return driver
 
 

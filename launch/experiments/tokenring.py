@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from jaxrepro.algorithms.parallel import tokenring
+from jaxrepro.configs import common
 from jaxrepro.configs.common import ConfigError
 from jaxrepro.launch import benchmarking, experiment, metric_writers, plotting
 from jaxrepro.models.attention import attention_with_lse, reference_attention
@@ -48,6 +49,20 @@ CLAIMS = (
         "attention sends one way (Q one way, results the other; no GQA, worst rank)",
         "busiest_direction_bytes_ratio", 0.55, "<="),
 )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Shapes the schedules need: zig-zag chunks per device, whole GQA groups."""
+  common.check_positive(config, "sp_size", "batch", "seq_len", "num_heads", "num_kv_heads",
+                        "head_dim", "gqa_kv_heads", "memory_seq_len")
+  for field in ("seq_len", "memory_seq_len"):
+    if config[field] % (2 * config.sp_size):
+      raise ConfigError(f"config.{field}={config[field]} must be a multiple of 2 * "
+                        f"sp_size = {2 * config.sp_size} (the causal zig-zag layout)")
+  for field in ("num_kv_heads", "gqa_kv_heads"):
+    if config.num_heads % config[field]:
+      raise ConfigError(f"config.{field}={config[field]} must divide num_heads="
+                        f"{config.num_heads} (grouped-query attention)")
 
 
 def _inputs(config, key):
