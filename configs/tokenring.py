@@ -42,7 +42,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.seq_len = 64
     config.num_heads = 2
     config.num_kv_heads = 2
-    config.head_dim = 8
     config.memory_seq_len = 256
     config.memory_device_counts = "1,4"
   elif variant == "paper":
