@@ -103,6 +103,22 @@ class Checkpoints:
           f"{os.path.join(self.directory, str(step))} to resume from an earlier step "
           f"({others or 'none'}), or use a fresh workdir") from e
 
+  def restore_raw(self, step: int | None = None) -> PyTree:
+    """Loads a checkpoint as saved (nested dicts of arrays on the first device).
+
+    For inspection and comparisons when the state's Python structure is not at hand; a run
+    resumes with `restore`, which rebuilds the exact state type and layout.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.steps():
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        self._checkpointer.metadata(step).metadata,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    return self.restore(abstract, step)
+
   def close(self) -> None:
     self._checkpointer.close()
 

@@ -60,7 +60,8 @@ class MetricWriter:
     """Appends one line of named scalars at `step` and logs them."""
     row = {"step": int(step)}
     row.update({k: _json_number(to_python(v)) for k, v in scalars.items()})
-    logging.info("step %d: %s", step,
+    # Debug level: the launcher's progress bar shows the run; the rows are in the file.
+    logging.debug("step %d: %s", step,
                  ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if k != "step"))
     if self._file is not None:

@@ -220,6 +220,9 @@ def fit(
           evals = {f"{prefix}eval/{k}": float(v) for k, v in eval_fn(state.params).items()}
           _check_finite(evals, True, step, ckpts)
           row.update(evals)
+          if is_chief:
+            bar.write(f"{description} step {step}: " + ", ".join(
+                f"{k.rsplit('/', 1)[-1]}={v:.4g}" for k, v in evals.items()))
       writer.write_scalars(step, row)
       history.append({"step": step, **row})
       ckpts.save(step, state, force=step == num_steps)

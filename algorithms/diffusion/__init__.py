@@ -1,0 +1,1 @@
+"""Diffusion methods: shared processes and samplers, one module per idea or paper."""
