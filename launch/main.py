@@ -61,9 +61,14 @@ def main(argv):
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                          auto=FLAGS.distributed_auto)
-  logging.info("jax %s on %s; process %d/%d, %d devices", jax.__version__,
-               jax.devices()[0].device_kind, jax.process_index(), jax.process_count(),
-               jax.device_count())
+  if not FLAGS["verbosity"].present:
+    # orbax and jax log every checkpoint and compile at INFO; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
+  if distributed.is_chief():
+    config = FLAGS.config
+    print(f"jaxrepro: {config.name} ({config.get('variant', '')}) on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es), "
+          f"jax {jax.__version__}; workdir {FLAGS.workdir}", flush=True)
   try:
     run.run_experiment(FLAGS.config, FLAGS.workdir, resume=FLAGS.resume)
   except ConfigError as e:

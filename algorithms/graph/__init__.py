@@ -1,0 +1,1 @@
+"""Graph learning and graph-based recommendation methods, one module per paper."""

@@ -1,0 +1,1 @@
+"""Graph neural network building blocks on jraph `GraphsTuple`s shared by several papers."""
