@@ -187,13 +187,30 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: jax.shardi
     `o` `[B, L, H, Dv]` (`q.dtype`) and `lse` `[B, L, H]` float32, in the input order,
     sharded over `axis_name` along L.
   """
+  return shard_over_sequence(ring_attention_shard, q, k, v, mesh=mesh, axis_name=axis_name,
+                             causal=causal, scale=scale, precision=precision)
+
+
+def shard_over_sequence(shard_fn, q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        mesh: jax.sharding.Mesh, axis_name: str, causal: bool,
+                        **kwargs) -> tuple[jax.Array, jax.Array]:
+  """Checks the layout and runs a per-device attention body under `jax.shard_map`.
+
+  Shared by every sequence-parallel schedule (ring attention, TokenRing): Q, K and V are
+  split along the sequence over `axis_name`, `o` and `lse` come back split the same way.
+
+  Args:
+    shard_fn: `(q, k, v, *, axis_name, causal, **kwargs) -> (o, lse)` on local blocks.
+    q, k, v: `[B, L, H(kv), D]` inputs (zig-zag order when causal).
+    mesh, axis_name, causal: as in `ring_attention`.
+    **kwargs: passed to `shard_fn` (scale, precision).
+  """
   if axis_name not in mesh.shape:
     raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
   _check_layout(q, k, v, mesh.shape[axis_name], causal)
   spec = P(None, axis_name, None, None)
   fn = jax.shard_map(
-      lambda q, k, v: ring_attention_shard(q, k, v, axis_name=axis_name, causal=causal,
-                                           scale=scale, precision=precision),
+      lambda q, k, v: shard_fn(q, k, v, axis_name=axis_name, causal=causal, **kwargs),
       mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, axis_name, None)))
   return fn(q, k, v)
 

@@ -60,6 +60,7 @@ from jaxrepro.sharding.ledger import CommLedger
 from jaxrepro.sharding.mesh import make_mesh
 from jaxrepro.sharding.ring_attention import (
   ring_attention_ledger,
+  shard_over_sequence,
   zigzag_pair_partials,
 )
 
@@ -187,23 +188,9 @@ def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     `o` `[B, L, H, Dv]` (`q.dtype`) and `lse` `[B, L, H]` float32, in the input order,
     sharded over `axis_name` along L.
   """
-  if axis_name not in mesh.shape:
-    raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have shape [B, L, H, D], got {x.shape}")
-  n = mesh.shape[axis_name]
-  parts = 2 * n if causal else n
-  if not q.shape[1] == k.shape[1] == v.shape[1] or q.shape[1] % parts:
-    raise ValueError(f"q, k, v need one sequence length that is a multiple of "
-                     f"{'2 * n' if causal else 'n'} = {parts}; got {q.shape[1]}, "
-                     f"{k.shape[1]}, {v.shape[1]}")
-  spec = P(None, axis_name, None, None)
-  fn = jax.shard_map(
-      lambda q, k, v: tokenring_attention_shard(q, k, v, axis_name=axis_name, causal=causal,
-                                                scale=scale, precision=precision),
-      mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P(None, axis_name, None)))
-  return fn(q, k, v)
+  return shard_over_sequence(tokenring_attention_shard, q, k, v, mesh=mesh,
+                             axis_name=axis_name, causal=causal, scale=scale,
+                             precision=precision)
 
 
 def tokenring_ledger(*, n: int, rank: int, batch: int, seq_len: int, num_heads: int,
