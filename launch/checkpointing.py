@@ -131,3 +131,44 @@ class Checkpoints:
 
 def _is_abstract(tree: PyTree) -> bool:
   return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def save_tree(path: str, tree: PyTree, *, metadata: dict | None = None,
+              overwrite: bool = False) -> None:
+  """Saves one pytree (e.g. a shipped pretrained model) to the directory `path`.
+
+  `metadata` (JSON: the training command, seed, measured quality) is stored with it and
+  read back by `tree_metadata`.
+  """
+  ocp.save(os.path.abspath(path), tree, overwrite=overwrite, custom_metadata=metadata)
+
+
+def load_tree(path: str, like: PyTree | None = None) -> PyTree:
+  """Loads a pytree saved by `save_tree`, onto the layout of `like` (default: as saved,
+  on the first device).
+
+  Raises:
+    CheckpointError: when `path` is missing or unreadable.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"no saved tree at {path}")
+  try:
+    if like is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      like = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          ocp.metadata(path).metadata,
+          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    elif not _is_abstract(like):
+      like = abstract_like(like)
+    return ocp.load(path, like)
+  except Exception as e:  # orbax raises many types; all mean "unreadable".
+    raise CheckpointError(f"the saved tree at {path} is unreadable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from e
+
+
+def tree_metadata(path: str) -> dict:
+  """The JSON metadata stored by `save_tree` (empty if none)."""
+  return dict(ocp.metadata(os.path.abspath(path)).custom_metadata or {})
+

@@ -146,3 +146,18 @@ def test_metrics_file_is_json_lines(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert rows[-1]["step"] == 10 and "eval/err" in rows[-1]
+
+
+def test_save_and_load_tree_round_trip(tmp_path):
+  tree = {"w": jnp.arange(3.0), "nested": {"b": jnp.ones((2, 2), jnp.bfloat16)}}
+  path = str(tmp_path / "model")
+  checkpointing.save_tree(path, tree, metadata={"seed": 3, "command": "python -m x"})
+  for like in (None, tree):
+    loaded = checkpointing.load_tree(path, like)
+    assert jax.tree.structure(loaded) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert checkpointing.tree_metadata(path) == {"seed": 3, "command": "python -m x"}
+  with pytest.raises(checkpointing.CheckpointError, match="no saved tree"):
+    checkpointing.load_tree(str(tmp_path / "missing"))
