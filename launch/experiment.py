@@ -42,12 +42,15 @@ class Claim:
     metric: the key of the driver's summary that holds the measured value.
     threshold: the bound the measured value must meet, fixed before measuring.
     direction: `">="` (at least the threshold) or `"<="` (at most).
+    note: what a reader needs to judge the result: where the restatement departs from the
+      paper, why a claim fails when it does. Printed under the report's table.
   """
   name: str
   statement: str
   metric: str
   threshold: float
   direction: str = ">="
+  note: str = ""
 
   def __post_init__(self):
     if self.direction not in _DIRECTIONS:
@@ -72,7 +75,6 @@ class Paper:
   status: str  # "planned" | "done"
   module: str = ""  # path of the library module, relative to the repo root
   notebook: str = ""  # path of the notebook that walks through it
-  result: str = ""  # the one-line measured result shown in the README
 
 
 STATUSES = ("planned", "done")

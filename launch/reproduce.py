@@ -99,6 +99,10 @@ def _section(name, checks, seconds, error) -> str:
             "PASS" if ok else "**FAIL**"] for c, m, ok in checks]
   if table:
     lines.append(report.markdown_table(["claim", "measured", "threshold", "result"], table))
+  notes = [f"* `{c.name}` ({'passes' if ok else '**fails**'}): {c.note}"
+           for c, _, ok in checks if c.note]
+  if notes:
+    lines += ["Notes:", "", *notes, ""]
   data = {"variant": FLAGS.variant, "seconds": round(seconds, 1), "error": error,
           "claims": [{"name": c.name, "metric": c.metric, "measured": m,
                       "threshold": c.threshold, "direction": c.direction, "passed": ok}

@@ -36,12 +36,25 @@ CLAIMS = (
         "beats_mf_on_card_data",
         "On the spec card's bipartite SBM (2000 x 1500, 25 communities, ~12 interactions "
         "per user), UltraGCN's best Recall@20 is at least MF-BCE's + 0.01 (mean of 3 "
-        "seeds)", "recall_gain_vs_mf/card", 0.01),
+        "seeds)", "recall_gain_vs_mf/card", 0.01,
+        note="The spec card's own restatement. It does not reproduce here: on this "
+        "generator a ranker that knows the true communities and popularities reaches "
+        "Recall@20 0.537 and MF-BCE with a tuned L2 already 0.50, and every UltraGCN "
+        "setting tried (about 150: Gowalla weights, L_I weight 0.01-10, L2 0-1, on seeds "
+        "0-2) lands within +-0.007 of MF-BCE. The card's calibration (MF-BCE 0.433 vs "
+        "UltraGCN 0.461) is consistent with an MF-BCE that overfits at L2 1e-4; with the "
+        "same L2 here MF-BCE still reaches 0.508. The data is too dense and too easy to "
+        "separate the methods; the next claim tests the sparse regime of the paper's "
+        "datasets."),
     experiment.Claim(
         "beats_mf_on_sparse_data",
         "On a sparser SBM (50 communities, ~8 interactions per user), UltraGCN's best "
         "Recall@20 is at least MF-BCE's + 0.01 (mean of 3 held-out seeds)",
-        "recall_gain_vs_mf/sparse", 0.01),
+        "recall_gain_vs_mf/sparse", 0.01,
+        note="This dataset and the shared loss weights (w1..w4 = 1, L_I weight 3, L2 0.1 "
+        "for every method) were chosen on seeds 0-2 after the card's data showed no "
+        "separation; the demo measures seeds 3-5, which played no part in the choice. "
+        "The paper's datasets are sparser still (Gowalla: 0.084% density, here 0.53%)."),
     experiment.Claim(
         "item_item_loss_helps",
         "On the sparser SBM, UltraGCN's best Recall@20 is at least that of UltraGCN "
