@@ -117,7 +117,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str, *,
     rows = metric_writers.read_metrics(workdir)
     if rows:
       plotting.plot_metrics(rows, os.path.join(workdir, plotting.METRICS_PLOT))
-  if not quiet:
+  if not quiet and jax.process_index() == 0:
     print(format_summary(config, summary, checks))
   return summary
 

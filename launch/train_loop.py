@@ -36,6 +36,7 @@ import optax
 import tqdm
 
 from jaxrepro.launch import checkpointing, metric_writers
+from jaxrepro.sharding import mesh as mesh_lib
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -189,6 +190,10 @@ def fit(
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR, prefix.strip("/") or "state")
   ckpts = checkpointing.Checkpoints(ckpt_dir, save_every=checkpoint_every,
                                     keep=keep_checkpoints)
+  if jax.process_count() > 1:
+    # Every process holds the same initial state; make it one global, replicated array
+    # so that the step runs SPMD over all hosts and orbax can checkpoint it.
+    state = mesh_lib.replicate_global(state)
   resumed_from = _maybe_resume(ckpts, resume)
   if resumed_from is not None:
     state = ckpts.restore(state, resumed_from)

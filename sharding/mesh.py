@@ -48,3 +48,30 @@ def require_devices(n: int) -> None:
     raise ValueError(
         f"this needs {n} devices but jax sees {jax.device_count()}; on CPU set "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
+
+
+def replicate_global(tree, mesh: jax.sharding.Mesh | None = None):
+  """`tree` as global arrays replicated over every device of every process.
+
+  In a multi-process run, arrays created by ordinary JAX calls live on one local device
+  and cannot be checkpointed or combined with global arrays. Every process must pass the
+  same values (e.g. parameters initialised from the same seed). Typed PRNG keys keep their
+  implementation.
+
+  Args:
+    tree: a pytree of arrays (host-local or numpy).
+    mesh: the global mesh (default: all devices on one `data` axis).
+  """
+  if mesh is None:
+    mesh = make_mesh((jax.device_count(),), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def leaf(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      data = leaf(jax.random.key_data(x))
+      return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                     out_shardings=replicated)(data)
+    return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+  return jax.tree.map(leaf, tree)

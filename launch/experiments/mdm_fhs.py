@@ -65,6 +65,9 @@ def _time_steps(config) -> list[int]:
 def check_config(config: ml_collections.ConfigDict) -> None:
   common.check_positive(config, "batch_size", "eval_sequences", "sampler.num_samples",
                         "language.vocab_size", "language.length")
+  if config.optimizer.warmup_steps >= config.train.num_steps:
+    raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} must be "
+                      f"below train.num_steps={config.train.num_steps}")
   steps = _time_steps(config)
   if min(steps) < 1 or 4 * config.language.length not in steps:
     raise ConfigError(

@@ -47,3 +47,35 @@ def test_two_processes_run_one_data_parallel_step(tmp_path):
   assert sorted(o["chief"] for o in outputs) == [False, True]
   with open(tmp_path / "metrics.jsonl") as f:
     assert len(f.readlines()) == 1  # only process 0 wrote
+
+
+def launcher(args, *, env_extra=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(env_extra or {})
+  return subprocess.Popen([sys.executable, "-m", "jaxrepro.launch.main", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.multiprocess
+def test_launcher_trains_across_two_processes_like_one(tmp_path):
+  # A training paper through the real launcher on 2 processes x 1 CPU device: the train
+  # state is replicated over the global mesh, orbax checkpoints it from both processes,
+  # and the result equals a single-process run of the same config (to float32 rounding:
+  # XLA compiles a 2-device program, whose reductions may round in another order).
+  args = ["--config=configs/mdm_fhs.py:smoke", "--config.train.num_steps=150",
+          "--config.sampler.time_steps=8,32"]
+  port = str(free_port())
+  procs = [launcher(args + [f"--workdir={tmp_path}/multi", f"--coordinator_address=localhost:{port}",
+                            "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
+  single = launcher(args + [f"--workdir={tmp_path}/single"])
+  for p in procs + [single]:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  summaries = {}
+  for name in ("multi", "single"):
+    with open(tmp_path / name / "summary.json") as f:
+      summaries[name] = json.load(f)["summary"]
+  for key, value in summaries["single"].items():
+    if "seconds" not in key and "speedup" not in key:
+      np.testing.assert_allclose(summaries["multi"][key], value, rtol=1e-6, err_msg=key)
+  assert (tmp_path / "multi" / "checkpoints" / "state" / "150").is_dir()
