@@ -118,6 +118,11 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(r["train/loss"]) for r in rows)
 
 
+# When orbax fails to read a garbled checkpoint, its background I/O threads may still post
+# callbacks to the (uvloop) event loop it has closed; Python reports those as "exception
+# ignored" at garbage collection, at a timing-dependent moment. They are orbax's teardown
+# noise, not an error of the facade, whose behaviour the assertions below check.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
   run(str(tmp_path), num_steps=20)
   ckpt_dir = tmp_path / "checkpoints" / "state"
