@@ -93,6 +93,8 @@ def test_wheel_imports_from_outside_the_checkout(tmp_path):
           "jaxrepro.configs, jaxrepro.launch.main\n"
           "from jaxrepro.launch import experiment\n"
           "assert len(experiment.catalog()) == 62\n"
+          "from jaxrepro.launch import pretrained_lms\n"
+          "assert pretrained_lms.load('synthlang_draft').params is not None\n"
           "print(jaxrepro.algorithms.__file__)")
   env = dict(os.environ, PYTHONPATH=str(site))
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,0 +1,1 @@
+"""Decoding: samplers, speculative verification, table LMs and jitted decode loops."""
