@@ -16,6 +16,7 @@ side. Every number here is a model of time, and reports must say so.
 """
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -80,41 +81,46 @@ def autoregressive_time(costs: CostModel, num_tokens: int) -> float:
 
 
 def measure_costs(target: speculative.LM, target_params, draft: speculative.LM,
-                  draft_params, *, max_width: int, context: int = 64, repeats: int = 20
-                  ) -> CostModel:
+                  draft_params, *, max_width: int, context: int = 64, calls: int = 50,
+                  repeats: int = 5) -> CostModel:
   """Measures cached forward costs on this device (batch 1, a cache holding `context`).
 
-  Each width is compiled once and timed as the median of `repeats` calls; calls are
-  interleaved across widths so that slow drift of the machine affects all of them alike.
+  A call is timed the way the decoding loops run it: `calls` forwards inside one jitted
+  `fori_loop` (so Python dispatch is not counted), divided by `calls`; the median of
+  `repeats` such runs is kept, interleaved across widths so that slow drift of the machine
+  affects all of them alike.
   """
-  if max_width < 1 or context < 1:
-    raise ValueError(f"max_width={max_width} and context={context} must be >= 1")
+  if max_width < 1 or context < 1 or calls < 1 or repeats < 1:
+    raise ValueError(f"max_width={max_width}, context={context}, calls={calls} and "
+                     f"repeats={repeats} must all be >= 1")
   slots = context + max_width
 
   def prepare(lm, params):
     cache = lm.init_cache(1, slots)
-    prefix = jnp.zeros((1, context), jnp.int32)
-    return lm.apply(params, cache, prefix).cache
+    return lm.apply(params, cache, jnp.zeros((1, context), jnp.int32)).cache
 
-  def step(lm):
-    return jax.jit(lambda params, cache, tokens: lm.apply(params, cache, tokens).logits)
+  def loop(lm, width):
+    def run(params, cache):
+      def body(i, acc):
+        # Tokens change with i so that XLA cannot hoist the forward out of the loop.
+        tokens = (jnp.arange(width, dtype=jnp.int32)[None] + i) % lm.vocab_size
+        return acc + lm.apply(params, cache, tokens).logits[0, -1, 0]
+      return jax.lax.fori_loop(0, calls, body, jnp.float32(0))
+    return jax.jit(run)
 
   target_cache, draft_cache = prepare(target, target_params), prepare(draft, draft_params)
-  target_step, draft_step = step(target), step(draft)
-  calls = {("draft", 1): lambda: draft_step(draft_params, draft_cache,
-                                            jnp.zeros((1, 1), jnp.int32))}
+  loops = {("draft", 1): (loop(draft, 1), draft_params, draft_cache)}
   for w in range(1, max_width + 1):
-    tokens = jnp.zeros((1, w), jnp.int32)
-    calls[("target", w)] = (lambda tokens=tokens: target_step(target_params, target_cache,
-                                                              tokens))
-  for fn in calls.values():
+    loops[("target", w)] = (loop(target, w), target_params, target_cache)
+  runs = {name: functools.partial(*args) for name, args in loops.items()}
+  for fn in runs.values():
     jax.block_until_ready(fn())  # compile
-  samples = {name: [] for name in calls}
+  samples = {name: [] for name in runs}
   for _ in range(repeats):
-    for name, fn in calls.items():
+    for name, fn in runs.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
-      samples[name].append(time.perf_counter() - start)
+      samples[name].append((time.perf_counter() - start) / calls)
   median = {name: statistics.median(s) for name, s in samples.items()}
   return CostModel(target=tuple(median[("target", w)] for w in range(1, max_width + 1)),
                    draft=median[("draft", 1)])

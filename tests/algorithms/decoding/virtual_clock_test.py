@@ -42,5 +42,6 @@ def test_measured_costs_are_positive_and_cover_every_width():
   vocab, order = 4, 2
   table = table_lm.random_table(jax.random.key(0), vocab, order)
   lm = table_lm.table_lm(vocab, order)
-  costs = virtual_clock.measure_costs(lm, table, lm, table, max_width=3, context=4, repeats=3)
+  costs = virtual_clock.measure_costs(lm, table, lm, table, max_width=3, context=4, calls=5,
+                                      repeats=2)
   assert len(costs.target) == 3 and min(costs.target) > 0 and costs.draft > 0
