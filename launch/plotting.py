@@ -33,6 +33,9 @@ def line_plot(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[fl
   return path
 
 
+MAX_LEGEND_ENTRIES = 8
+
+
 def plot_metrics(rows: Sequence[Mapping], path: str, *, max_panels: int = 6) -> str | None:
   """Plots every numeric metric of a `metrics.jsonl` history against the step.
 
@@ -67,7 +70,8 @@ def plot_metrics(rows: Sequence[Mapping], path: str, *, max_panels: int = 6) -> 
       ax.plot(x, y, label=label)
     ax.set(title=name, xlabel="step")
     ax.grid(alpha=0.3)
-    if len(panels[name]) > 1:
+    # A legend with more entries than this would hide the curves (sweeps log many runs).
+    if 1 < len(panels[name]) <= MAX_LEGEND_ENTRIES:
       ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
