@@ -32,7 +32,7 @@ from scipy import optimize, sparse
 from jaxrepro.algorithms.decoding import multidraft_sd as mdsd
 from jaxrepro.configs import common
 from jaxrepro.configs.common import ConfigError
-from jaxrepro.launch import benchmarking, experiment, metric_writers, plotting
+from jaxrepro.launch import benchmarking, decoding_benchmark, experiment, metric_writers, plotting
 
 PAPER = "multidraft_sd"
 QUANTITIES = ("alpha_norepl", "alpha_iid", "alpha_greedy", "rrs_norepl", "rrs_iid")
@@ -509,4 +509,5 @@ def benchmark(quick: bool) -> list[benchmarking.Row]:
           ("sorted-prefix formula (jit)", t["ours"]), ("scipy HiGHS LP", t["lp"]),
           note="equal to 1e-5; LP time includes building it from the enumerated draft law; "
                "both compiled/warmed before timing"))
-  return rows
+  # The decoding family's shared check: speculative vs autoregressive decoding.
+  return rows + decoding_benchmark.core_rows(PAPER, quick)
