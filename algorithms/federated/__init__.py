@@ -1,0 +1,1 @@
+"""Federated and decentralized optimization: rounds over a client mesh axis."""
