@@ -108,6 +108,7 @@ def dense_epoch(data):
 def pyg_epoch(data):
   """One epoch of PyTorch Geometric's two-layer `GCNConv` model (raises ImportError)."""
   import torch  # noqa: PLC0415 - optional anchor, imported only when benchmarking
+  import torch_geometric  # noqa: PLC0415
   from torch_geometric.nn import GCNConv  # noqa: PLC0415
   senders, receivers, x, y, train = data
   torch.manual_seed(0)
@@ -124,6 +125,8 @@ def pyg_epoch(data):
     loss.backward()
     opt.step()
     return np.float32(loss.item())
+  run.name = (f"PyTorch Geometric {torch_geometric.__version__} GCNConv (torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads)")
   return run
 
 
@@ -148,7 +151,7 @@ def rows(paper: str, quick: bool) -> list[benchmarking.Row]:
     t = benchmarking.interleaved({"ours": ours_epoch(data), "pyg": baseline}, rounds=rounds)
     out.append(benchmarking.time_row(
         paper, what, ("jraph GCN (models.graph.layers)", t["ours"]),
-        ("PyTorch Geometric GCNConv", t["pyg"]),
+        (baseline.name, t["pyg"]),
         note=f"{n_edges / t['ours'].median_s / 1e6:.1f} vs "
              f"{n_edges / t['pyg'].median_s / 1e6:.1f} M edges/s (ours vs PyG)"))
   # The dense baseline needs 4 N^2 bytes: 8k nodes (256 MB) with the same average degree.
