@@ -64,23 +64,10 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
+from jaxrepro.algorithms.graph import ranking
+
 Params = dict[str, jax.Array]
 MERSENNE_PRIME = 2**31 - 1
-
-
-def _check_pairs(train_pairs, n_users: int, n_items: int) -> np.ndarray:
-  """Validates `[N, 2]` (user, item) pairs and returns them unique, as int64 numpy."""
-  pairs = np.asarray(train_pairs)
-  if pairs.ndim != 2 or pairs.shape[1] != 2:
-    raise ValueError(f"train_pairs must have shape [N, 2], got {pairs.shape}")
-  if n_users < 1 or n_items < 1:
-    raise ValueError(f"n_users={n_users} and n_items={n_items} must both be >= 1")
-  if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= n_users
-                     or pairs[:, 1].max() >= n_items):
-    raise ValueError(f"train_pairs ids must lie in [0, n_users={n_users}) x "
-                     f"[0, n_items={n_items})")
-  # A repeated interaction is one edge, as in the official 0/1 csr biadjacency.
-  return np.unique(pairs.astype(np.int64), axis=0).reshape(-1, 2)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,7 +135,7 @@ def _codes(user, item, n_user_buckets, n_item_buckets) -> HashCodes:
 
 def biadjacency(train_pairs, n_users: int, n_items: int) -> sp.csr_matrix:
   """The `[U, I]` float64 0/1 interaction matrix `R` (repeated pairs count once)."""
-  pairs = _check_pairs(train_pairs, n_users, n_items)
+  pairs = ranking.unique_interactions(train_pairs, n_users, n_items)
   return sp.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
                        shape=(n_users, n_items))
 
@@ -173,7 +160,7 @@ def bipartite_modularity(train_pairs, n_users: int, n_items: int, user_labels,
     ValueError: on label shapes other than `[U]`, `[I]`, negative labels, a negative
       resolution or a graph without edges.
   """
-  pairs = _check_pairs(train_pairs, n_users, n_items)
+  pairs = ranking.unique_interactions(train_pairs, n_users, n_items)
   cu, ci = np.asarray(user_labels), np.asarray(item_labels)
   if cu.shape != (n_users,) or ci.shape != (n_items,):
     raise ValueError(f"user_labels must be [{n_users}] and item_labels [{n_items}], got "
@@ -198,7 +185,7 @@ def bipartite_digraph(train_pairs, n_users: int, n_items: int) -> nx.DiGraph:
 
   On this graph networkx's directed modularity equals Barber's bipartite modularity.
   """
-  pairs = _check_pairs(train_pairs, n_users, n_items)
+  pairs = ranking.unique_interactions(train_pairs, n_users, n_items)
   graph = nx.DiGraph()
   graph.add_nodes_from(range(n_users + n_items))
   graph.add_edges_from(zip(pairs[:, 0].tolist(), (pairs[:, 1] + n_users).tolist()))

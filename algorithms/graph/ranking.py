@@ -36,6 +36,27 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def unique_interactions(train_pairs, n_users: int, n_items: int) -> np.ndarray:
+  """Validates `[N, 2]` (user, item) pairs and returns them unique, as int64 numpy.
+
+  A repeated interaction is one edge, as in the official UltraGCN and GraphHash code (a
+  0/1 sparse biadjacency).
+
+  Raises:
+    ValueError: on a wrong shape, non-positive sizes or ids out of range.
+  """
+  pairs = np.asarray(train_pairs)
+  if pairs.ndim != 2 or pairs.shape[1] != 2:
+    raise ValueError(f"train_pairs must have shape [N, 2], got {pairs.shape}")
+  if n_users < 1 or n_items < 1:
+    raise ValueError(f"n_users={n_users} and n_items={n_items} must both be >= 1")
+  if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= n_users
+                     or pairs[:, 1].max() >= n_items):
+    raise ValueError(f"train_pairs ids must lie in [0, n_users={n_users}) x "
+                     f"[0, n_items={n_items})")
+  return np.unique(pairs.astype(np.int64), axis=0).reshape(-1, 2)
+
+
 def pad_item_lists(pairs, n_users: int, max_len: int | None = None) -> np.ndarray:
   """Per-user item lists from `(user, item)` pairs, padded with `-1`.
 

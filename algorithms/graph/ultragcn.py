@@ -55,22 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jaxrepro.algorithms.graph import ranking
+
 Params = dict[str, jax.Array]
-
-
-def _check_pairs(train_pairs, n_users: int, n_items: int) -> np.ndarray:
-  """Validates `[N, 2]` (user, item) pairs and returns them unique, as int64 numpy."""
-  pairs = np.asarray(train_pairs)
-  if pairs.ndim != 2 or pairs.shape[1] != 2:
-    raise ValueError(f"train_pairs must have shape [N, 2], got {pairs.shape}")
-  if n_users < 1 or n_items < 1:
-    raise ValueError(f"n_users={n_users} and n_items={n_items} must both be >= 1")
-  if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= n_users
-                     or pairs[:, 1].max() >= n_items):
-    raise ValueError(f"train_pairs ids must lie in [0, n_users={n_users}) x "
-                     f"[0, n_items={n_items})")
-  # The official code builds a dok matrix, so repeated interactions count once.
-  return np.unique(pairs.astype(np.int64), axis=0).reshape(-1, 2)
 
 
 def _beta_factors(degree: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +85,7 @@ def constraint_coefficients(train_pairs, n_users: int,
   Raises:
     ValueError: if `train_pairs` is not `[N, 2]` or holds out-of-range ids.
   """
-  pairs = _check_pairs(train_pairs, n_users, n_items)
+  pairs = ranking.unique_interactions(train_pairs, n_users, n_items)
   d_user = np.bincount(pairs[:, 0], minlength=n_users)
   d_item = np.bincount(pairs[:, 1], minlength=n_items)
   beta_u, _ = _beta_factors(d_user)
@@ -132,7 +119,7 @@ def item_item_constraints(train_pairs, n_users: int, n_items: int, k: int, *,
   """
   if k < 1:
     raise ValueError(f"k={k}; the number of item neighbours must be >= 1")
-  pairs = _check_pairs(train_pairs, n_users, n_items)
+  pairs = ranking.unique_interactions(train_pairs, n_users, n_items)
   a = sp.csr_matrix((np.ones(len(pairs), np.float64), (pairs[:, 0], pairs[:, 1])),
                     shape=(n_users, n_items))
   g = (a.T @ a).tocsr()
