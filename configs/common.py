@@ -88,3 +88,11 @@ def check_positive(config: ml_collections.ConfigDict, *paths: str) -> None:
     value = get_field(config, path)
     if not value > 0:
       raise ConfigError(f"config.{path}={value!r} must be > 0")
+
+
+def comma_list(text, kind=float) -> list:
+  """`"1,2, 4"` -> `[kind(1), kind(2), kind(4)]` in order, blanks skipped: the list-valued
+  fields of configs are comma-separated strings (ml_collections has no list type that the
+  command line can override)."""
+  return [kind(s) for s in str(text).split(",") if s.strip()]
+

@@ -95,6 +95,14 @@ def masked_binary_cross_entropy(logits: jax.Array, targets: jax.Array, mask=None
   return _masked_mean(loss, _mask(mask, logits.shape))
 
 
+def _check_link_scores(pos_scores: jax.Array, neg_scores: jax.Array) -> None:
+  """Positives `[P]`; negatives shared `[K]` or per positive `[P, K]`."""
+  if pos_scores.ndim != 1 or neg_scores.ndim not in (1, 2) or (
+      neg_scores.ndim == 2 and neg_scores.shape[0] != pos_scores.shape[0]):
+    raise ValueError(f"need pos_scores [P] and neg_scores [K] or [P, K], got "
+                     f"{pos_scores.shape}, {neg_scores.shape}")
+
+
 def _ranks(pos: jax.Array, neg: jax.Array, neg_mask: jax.Array) -> jax.Array:
   """OGB's tie-averaged rank of each positive among its valid negatives, `[P]` float32."""
   above = jnp.sum((neg > pos[:, None]) & neg_mask, axis=1)
@@ -119,10 +127,7 @@ def hits_at_k(pos_scores: jax.Array, neg_scores: jax.Array, k: int, *, pos_mask=
   """
   if k < 1:
     raise ValueError(f"k={k}; must be >= 1")
-  if pos_scores.ndim != 1 or neg_scores.ndim not in (1, 2) or (
-      neg_scores.ndim == 2 and neg_scores.shape[0] != pos_scores.shape[0]):
-    raise ValueError(f"need pos_scores [P] and neg_scores [K] or [P, K], got "
-                     f"{pos_scores.shape}, {neg_scores.shape}")
+  _check_link_scores(pos_scores, neg_scores)
   pos_mask = _mask(pos_mask, pos_scores.shape)
   neg_mask = _mask(neg_mask, neg_scores.shape)
   if neg_scores.ndim == 1:
@@ -152,10 +157,7 @@ def mrr(pos_scores: jax.Array, neg_scores: jax.Array, *, pos_mask=None,
   Returns:
     Scalar float32 mean of `1 / rank` over valid positives (0 if none).
   """
-  if pos_scores.ndim != 1 or neg_scores.ndim not in (1, 2) or (
-      neg_scores.ndim == 2 and neg_scores.shape[0] != pos_scores.shape[0]):
-    raise ValueError(f"need pos_scores [P] and neg_scores [K] or [P, K], got "
-                     f"{pos_scores.shape}, {neg_scores.shape}")
+  _check_link_scores(pos_scores, neg_scores)
   pos_mask = _mask(pos_mask, pos_scores.shape)
   neg_mask = _mask(neg_mask, neg_scores.shape)
   if neg_scores.ndim == 1:

@@ -69,25 +69,17 @@ CLAIMS = (
 )
 
 
-def _floats(text: str) -> list[float]:
-  return [float(s) for s in str(text).split(",")]
-
-
-def _ints(text: str) -> list[int]:
-  return [int(s) for s in str(text).split(",")]
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   common.check_positive(config, "buyer.n_nodes", "buyer.n_classes", "buyer.n_features",
                         "valuation.signal_dim", "valuation.n_projections",
                         "sellers.relabel_trials")
   if config.valuation.k_hops < 0:
     raise ConfigError(f"config.valuation.k_hops={config.valuation.k_hops}; must be >= 0")
-  p_in = _floats(config.sellers.p_in)
+  p_in = common.comma_list(config.sellers.p_in)
   if len(p_in) < 3 or not all(0 <= p <= 1 for p in p_in):
     raise ConfigError(f"config.sellers.p_in={config.sellers.p_in!r}: need at least 3 "
                       "probabilities in [0, 1] for a rank correlation")
-  if len(_floats(config.sellers.noise_variance_scales)) < 2:
+  if len(common.comma_list(config.sellers.noise_variance_scales)) < 2:
     raise ConfigError("config.sellers.noise_variance_scales needs at least 2 values")
 
 
@@ -162,7 +154,7 @@ class Valuer:
 def structure_study(config, valuer: Valuer, buyers: dict, sellers: dict) -> dict:
   """Disparities per seed and seller, rank correlations, relabelling spread."""
   p_b = config.buyer.p_in
-  p_in = _floats(config.sellers.p_in)
+  p_in = common.comma_list(config.sellers.p_in)
   shift = [abs(p - p_b) for p in p_in]
   out, rhos = {}, []
   for seed, buyer in buyers.items():
@@ -187,7 +179,7 @@ def structure_study(config, valuer: Valuer, buyers: dict, sellers: dict) -> dict
 
 def feature_study(config, valuer: Valuer, buyers: dict) -> dict:
   """Relevance/diversity of look-alike sellers and of noisier sellers; R(X,X), D(X,X)."""
-  scales = _floats(config.sellers.noise_variance_scales)
+  scales = common.comma_list(config.sellers.noise_variance_scales)
   out, rel = {}, {c: [] for c in scales}
   for seed, buyer in buyers.items():
     for c in scales:
@@ -210,8 +202,8 @@ def feature_study(config, valuer: Valuer, buyers: dict) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
-  seeds = _ints(config.sellers.seeds)
-  p_in = _floats(config.sellers.p_in)
+  seeds = common.comma_list(config.sellers.seeds, int)
+  p_in = common.comma_list(config.sellers.p_in)
   buyers = {s: make_party(config, s, config.buyer.p_in) for s in seeds}
   # Sellers use seeds disjoint from the buyers' (a seller is never the buyer's own graph).
   sellers = {(s, p): make_party(config, 100 + 17 * s + i, p)
@@ -229,15 +221,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _plot(workdir, config, summary):
-  p_in = _floats(config.sellers.p_in)
+  p_in = common.comma_list(config.sellers.p_in)
   shift = [abs(p - config.buyer.p_in) for p in p_in]
   plotting.line_plot(
       f"{workdir}/disparity_vs_shift.png",
       {f"seed {s}": (shift, [summary[f"disparity/seed{s}/p_in={p}"] for p in p_in])
-       for s in _ints(config.sellers.seeds)},
+       for s in common.comma_list(config.sellers.seeds, int)},
       title="structural disparity vs SBM shift", xlabel="|p_in seller - p_in buyer|",
       ylabel="W1 between blind signals", markers=True)
-  scales = _floats(config.sellers.noise_variance_scales)
+  scales = common.comma_list(config.sellers.noise_variance_scales)
   plotting.line_plot(
       f"{workdir}/relevance_vs_noise.png",
       {"relevance (mean over seeds)": (scales, [summary[f"relevance_mean/c={c}"]
@@ -255,7 +247,7 @@ def benchmark(quick: bool) -> list[benchmarking.Row]:
   from jaxrepro.launch import gcn_benchmark  # noqa: PLC0415 - only the benchmark needs it
   config = experiment.config_module(PAPER).get_config("smoke" if quick else "demo")
   buyer = make_party(config, 0, config.buyer.p_in)
-  seller = make_party(config, 1, _floats(config.sellers.p_in)[-1])
+  seller = make_party(config, 1, common.comma_list(config.sellers.p_in)[-1])
   valuer = Valuer(config, 2 * max(len(buyer.edges), len(seller.edges)))
   (gb, mb), (gs, ms) = valuer.pad(buyer), valuer.pad(seller)
   sb, ss = valuer._signals(valuer.key, gb, mb, gs, ms)

@@ -122,11 +122,11 @@ CLAIMS = (
 
 
 def _ints(text: str) -> list[int]:
-  return sorted({int(s) for s in str(text).split(",") if s.strip()})
+  return sorted(set(common.comma_list(text, int)))
 
 
 def _floats(text: str) -> list[float]:
-  return sorted({float(s) for s in str(text).split(",") if s.strip()}, reverse=True)
+  return sorted(set(common.comma_list(text)), reverse=True)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

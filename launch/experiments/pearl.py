@@ -122,11 +122,11 @@ CLAIMS = (
 
 
 def _ints(text) -> list[int]:
-  return sorted({int(s) for s in str(text).split(",") if s.strip()})
+  return sorted(set(common.comma_list(text, int)))
 
 
 def _floats(text) -> list[float]:
-  return sorted({float(s) for s in str(text).split(",") if s.strip()}, reverse=True)
+  return sorted(set(common.comma_list(text)), reverse=True)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

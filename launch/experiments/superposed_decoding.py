@@ -90,10 +90,6 @@ CLAIMS = (
 BASELINES = ("greedy", "beam", "superposed_alpha0")
 
 
-def _floats(text: str) -> list[float]:
-  return [float(s) for s in str(text).split(",") if s.strip()]
-
-
 def _names(text: str) -> list[str]:
   return [s.strip() for s in str(text).split(",") if s.strip()]
 
@@ -103,7 +99,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         "eval.num_prompts", "eval.dev_prompts", "superposed.n_drafts",
                         "nucleus.temperature", "nucleus.top_p", "probe.num_prompts")
   s, e = config.superposed, config.eval
-  weights, temps = _floats(config.ngram.weights), _floats(s.temperatures)
+  weights, temps = common.comma_list(config.ngram.weights), common.comma_list(s.temperatures)
   if not weights or min(weights) < 0 or max(weights) == 0:
     raise ConfigError(f"config.ngram.weights={config.ngram.weights!r} must list >= 0 "
                       "interpolation weights for context lengths 1, 2, ..., one of them > 0")
@@ -136,9 +132,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def superposed_config(config, alpha=None) -> sd.SuperposedConfig:
   s = config.superposed
   return sd.SuperposedConfig(
-      n_drafts=s.n_drafts, n_token_sample=s.n_token_sample, temperature=_floats(
+      n_drafts=s.n_drafts, n_token_sample=s.n_token_sample, temperature=common.comma_list(
           s.temperatures)[0], alpha=s.alpha if alpha is None else alpha,
-      ngram_weights=tuple(_floats(config.ngram.weights)), penalty=s.penalty)
+      ngram_weights=tuple(common.comma_list(config.ngram.weights)), penalty=s.penalty)
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -150,7 +146,7 @@ def build(config):
   lang = pretrained_lms.language()
   n = config.ngram
   corpus = lang.sample(n.corpus_seed, n.corpus_sequences, n.corpus_length)
-  lengths = tuple(range(1, len(_floats(n.weights)) + 1))
+  lengths = tuple(range(1, len(common.comma_list(n.weights)) + 1))
   tables = sd.build_ngram_tables(corpus, lengths, model.config.vocab_size)
   return model, lang, tables
 
@@ -245,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # tau on the dev prompts: the lowest mean true NLL of the drafts.
   dev_nll = {}
-  for tau in _floats(config.superposed.temperatures):
+  for tau in common.comma_list(config.superposed.temperatures):
     tokens, _ = methods["superposed"](model.params, tables, dev, key, jnp.float32(tau))
     dev_nll[tau] = true_nll(lang, np.asarray(dev), np.asarray(tokens)).mean()
     summary[f"dev/tau={tau}/nll_mean"] = float(dev_nll[tau])
@@ -420,7 +416,7 @@ def benchmark(quick: bool) -> list[benchmarking.Row]:
   model, lang, tables = build(config)
   e = config.eval
   prompts = lang.sample(e.prompt_seed, config.timing.prompts, e.prompt_len)
-  tau = _floats(config.superposed.temperatures)[0]
+  tau = common.comma_list(config.superposed.temperatures)[0]
   t, _ = _time_single_prompt(config, model, tables, prompts, tau, 3 if quick else 7)
   what = (f"{config.superposed.n_drafts} drafts of {e.max_new} tokens, {len(prompts)} "
           f"prompts of {e.prompt_len}, batch 1")

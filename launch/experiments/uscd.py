@@ -76,10 +76,6 @@ CLAIMS = (
 )
 
 
-def _floats(text: str) -> list[float]:
-  return [float(s) for s in str(text).split(",") if s.strip()]
-
-
 def make_task(config) -> sp.StringTask:
   t = config.task
   return sp.StringTask(alphabet_size=t.alphabet_size, min_len=t.min_len, max_len=t.max_len,
@@ -104,7 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.eval.monitor_problems={config.eval.monitor_problems} must be "
                       f"<= eval.dev_problems={config.eval.dev_problems}")
   u = config.uscd
-  lams, thresholds = _floats(u.lams), _floats(u.thresholds)
+  lams, thresholds = common.comma_list(u.lams), common.comma_list(u.thresholds)
   if not lams or min(lams) <= 0:
     raise ConfigError(f"config.uscd.lams={u.lams!r} must list lambdas > 0")
   if not thresholds or min(thresholds) <= 0 or max(thresholds) > 1:
@@ -255,7 +251,7 @@ def teacher_forced(config, task, graphdef, params, problems) -> tuple[np.ndarray
 def evaluate(config, task, graphdef, params, decoder) -> tuple[dict, dict]:
   """Dev selection, test pass@1 of the three decoders, and the uncertainty AUROC."""
   e = config.eval
-  lams, thresholds = _floats(config.uscd.lams), _floats(config.uscd.thresholds)
+  lams, thresholds = common.comma_list(config.uscd.lams), common.comma_list(config.uscd.thresholds)
   dev_problems = sp.eval_split(task, e.dev_seed, e.dev_problems)
   test_problems = sp.eval_split(task, e.test_seed, e.test_problems)
   dev_batch, test_batch = (sp.eval_batch(task, p) for p in (dev_problems, test_problems))
@@ -330,10 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _plot(workdir, config, details):
   """Dev pass@1 against the threshold, one line per lambda (0 = always-on CD)."""
-  thresholds = [0.0, *_floats(config.uscd.thresholds)]
+  thresholds = [0.0, *common.comma_list(config.uscd.thresholds)]
   series = {f"lambda = {lam:g}": (thresholds, [details["dev"][f"{lam},{thr}"]
                                                for thr in thresholds])
-            for lam in _floats(config.uscd.lams)}
+            for lam in common.comma_list(config.uscd.lams)}
   series["greedy"] = ([0.0, max(thresholds)], [details["dev_greedy"]] * 2)
   plotting.line_plot(f"{workdir}/dev_pass1_vs_threshold.png", series,
                      title="USCD on the dev split (threshold 0 = always-on CD)",
