@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from jaxrepro.algorithms.diffusion import ptq4dm, samplers
 from jaxrepro.algorithms.diffusion import schedules as sch
@@ -116,25 +115,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------- model
 
 
-def random_unet(cfg: unet.UNetConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """A UNet with NumPy-drawn random weights (kernels N(0, 1/fan_in), norms ~1, biases ~0).
-
-  Used for smoke runs and benchmarks: it needs no checkpoint and compiles nothing.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: unet.UNet(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    if path[-1].key == "kernel":
-      return jnp.asarray(x / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.1 * x)
-
-  nnx.replace_by_pure_dict(
-      state, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state)))
-  return graphdef, state
-
-
 def load_model(config):
   """(graphdef, params, UNetConfig, alphas_cumprod, prompt length) of the float model."""
   if config.model.source == "toy_t2i":
@@ -146,7 +126,7 @@ def load_model(config):
   cfg = unet.UNetConfig(channels=config.model.channels,
                         channel_mult=tuple(common.comma_list(config.model.channel_mult, int)),
                         vocab_size=16, max_prompt_len=4)
-  graphdef, params = random_unet(cfg, config.seed)
+  graphdef, params = unet.random_unet(cfg, config.seed)
   return graphdef, params, cfg, sch.make_alphas_cumprod("linear", 1000), 4
 
 
@@ -326,7 +306,7 @@ def benchmark(quick: bool) -> list[benchmarking.Row]:
   cfg = unet.UNetConfig(channels=config.model.channels,
                         channel_mult=tuple(common.comma_list(config.model.channel_mult, int)),
                         vocab_size=16, max_prompt_len=4)
-  graphdef, params = random_unet(cfg, 0)
+  graphdef, params = unet.random_unet(cfg, 0)
   batch = 16 if quick else 64
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, 16, 16, 3))

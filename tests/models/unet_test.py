@@ -201,3 +201,35 @@ def test_bad_inputs_raise(model, inputs):
     U.apply_unet(g, p, x, t, c[..., :3])
   with pytest.raises(ValueError, match="vocab_size"):
     U.apply_unet(g, p, x, t, jnp.zeros((B, L), jnp.int32))
+
+
+def test_random_unet_matches_init_structure_and_statistics(model):
+  """The NumPy initialiser gives the same tree (shapes, dtypes) as `init_unet`, kernels with
+  variance 1/fan_in, unit norm scales and identity adapters (lora_b = 0)."""
+  graphdef, params = U.random_unet(CFG, seed=0)
+  ref_graphdef, ref = model
+  assert graphdef == ref_graphdef
+  flat = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0])
+  flat_ref = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(ref))[0])
+  assert flat.keys() == flat_ref.keys()
+  kernels = []
+  for path, leaf in flat.items():
+    assert leaf.shape == flat_ref[path].shape and leaf.dtype == flat_ref[path].dtype
+    name = path[-1].key
+    if name == "lora_b":
+      assert not np.any(np.asarray(leaf))
+    elif name == "kernel":
+      kernels.append(np.asarray(leaf).reshape(-1, leaf.shape[-1]) * math.sqrt(
+          np.prod(leaf.shape[:-1])))
+    elif name == "scale":
+      assert abs(float(np.mean(leaf)) - 1.0) < 0.2
+  z = np.concatenate([k.ravel() for k in kernels])
+  assert abs(z.std() - 1.0) < 0.05 and abs(z.mean()) < 0.05
+  # Deterministic in the seed, different across seeds.
+  again = nnx.to_pure_dict(U.random_unet(CFG, seed=0)[1])
+  other = nnx.to_pure_dict(U.random_unet(CFG, seed=1)[1])
+  same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                      nnx.to_pure_dict(params), again))
+  diff = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                      nnx.to_pure_dict(params), other))
+  assert all(same) and not all(diff)

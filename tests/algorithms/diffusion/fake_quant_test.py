@@ -118,28 +118,6 @@ def test_adaround_reconstruction_never_worse_than_nearest():
   assert np.all(np.abs(k - np.round(k)) < 1e-4)
 
 
-def random_unet(cfg: unet.UNetConfig, seed: int):
-  """(graphdef, params) with random weights drawn by NumPy.
-
-  `init_unet` is exact but compiles dozens of random initialisers (tens of seconds on a
-  loaded CPU); the oracles only need some random weights: kernels N(0, 1/fan_in), norm
-  scales 1 + N(0, 0.1), biases and embeddings N(0, 0.1).
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: unet.UNet(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == "kernel":
-      return jnp.asarray(x / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if name == "scale" else 0.0) + 0.1 * x)
-
-  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
-  return graphdef, state
-
-
 def _forward(model, batch):
   return model(*batch)
 
@@ -149,7 +127,7 @@ def model():
   # One resolution level keeps compiles short; every layer kind (Conv, Linear, attention,
   # time MLP, the 8-bit head and stem) is still present.
   cfg = unet.UNetConfig(channels=16, channel_mult=(1,), vocab_size=32, max_prompt_len=8)
-  graphdef, params = random_unet(cfg, 0)
+  graphdef, params = unet.random_unet(cfg, 0)
   key = jax.random.key(1)
   x = jax.random.normal(key, (4, 16, 16, 3))
   t = jnp.array([3, 250, 600, 999], jnp.int32)
@@ -203,7 +181,7 @@ def test_bad_inputs_raise():
     fq.quant_params(jnp.ones((2, 3)), bits=8, channel_axis=4)
   with pytest.raises(ValueError, match="num_candidates"):
     fq.shrink_factors(200, 0.01)
-  g, p = random_unet(unet.UNetConfig(channels=16, channel_mult=(1,)), 0)
+  g, p = unet.random_unet(unet.UNetConfig(channels=16, channel_mult=(1,)), 0)
   qg, qs = fq.add_act_quant(g, p, 8)
   with pytest.raises(ValueError, match="mode"):
     fq.set_act_mode(qg, qs, "int8")

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxrepro.algorithms.diffusion import faster_diffusion as fd
 from jaxrepro.algorithms.diffusion import samplers as smp
@@ -41,28 +40,9 @@ def jit(f, **kw):
   return jax.jit(f, **kw, **FAST)
 
 
-def random_unet(seed: int):
-  """A random UNet (graphdef, params) filled from NumPy: no eager initialiser compiles."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: unet.UNet(CFG, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.normal(size=leaf.shape)
-    if "'scale'" in name:
-      z = 1 + 0.1 * z
-    elif "'bias'" in name:
-      z = 0.1 * z
-    elif "embedding" not in name:
-      z = z / np.sqrt(max(1, int(np.prod(leaf.shape[:-1]))))
-    return jnp.asarray(z, leaf.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def model():
-  graphdef, params = random_unet(0)
+  graphdef, params = unet.random_unet(CFG, 0)
   enc, dec = fd.unet_fns(graphdef, params)
   # Scale the random network's output so that 10 DDIM steps stay O(1) (a random eps does not
   # match x, and x_0 = (x - sqrt(1 - a) eps) / sqrt(a) would otherwise grow).

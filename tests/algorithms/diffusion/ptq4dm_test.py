@@ -90,25 +90,9 @@ def test_forward_calibration_is_the_closed_form(trajectory_setup):
   np.testing.assert_array_equal(raw.x, x0)
 
 
-def _random_unet(cfg, seed):
-  """Random weights drawn by NumPy (`init_unet` compiles for tens of seconds on a busy CPU)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: unet.UNet(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    x = rng.normal(size=leaf.shape).astype(np.float32)
-    if path[-1].key == "kernel":
-      return jnp.asarray(x / np.sqrt(np.prod(leaf.shape[:-1])))
-    return jnp.asarray((1.0 if path[-1].key == "scale" else 0.0) + 0.1 * x)
-
-  nnx.replace_by_pure_dict(
-      state, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state)))
-  return graphdef, state
-
-
 def test_quantize_unet_head_stem_bits_and_close_to_float():
   cfg = unet.UNetConfig(channels=16, channel_mult=(1,), vocab_size=16, max_prompt_len=4)
-  graphdef, params = _random_unet(cfg, 0)
+  graphdef, params = unet.random_unet(cfg, 0)
   key = jax.random.key(4)
   n = 8
   calib = ptq4dm.CalibSet(jax.random.normal(key, (n, 16, 16, 3)),
