@@ -352,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_scalars(0, {f"final/{k}": v for k, v in summary.items()})
   if jax.process_index() == 0:
     _plot(workdir, config, images, prompts, curves)
+    _plot_quality_vs_cost(workdir, summary)
   return summary
 
 
@@ -379,6 +380,25 @@ def _plot(workdir, config, images, prompts, curves):
         ax.set_title(prompts.prompts[c], fontsize=5)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "samples.png"))
+  plt.close(fig)
+
+
+def _plot_quality_vs_cost(workdir, summary):
+  """KID and Frechet distance against UNet GFLOPs per image: the speed/quality trade-off."""
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+  for ax, metric in zip(axes, ("kid", "frechet_distance")):
+    for m in METHODS:
+      x, y = summary[f"gflops_per_image/{m}"], summary[f"{metric}/{m}"]
+      ax.scatter([x], [y])
+      ax.annotate(f"{m} ({summary[f'encoder_calls/{m}']} enc, "
+                  f"{summary[f'decoder_calls/{m}']} dec)", (x, y), fontsize=7)
+    ax.margins(x=0.45, y=0.15)  # room for the labels
+    ax.set_xlabel("UNet GFLOPs per image (guided)")
+    ax.set_ylabel(metric)
+  fig.suptitle("quality versus network cost (lower is better on both axes)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "quality_vs_cost.png"))
   plt.close(fig)
 
 
