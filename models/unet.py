@@ -312,33 +312,9 @@ class UNet(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     widths, sizes = cfg.widths, cfg.resolutions
     attn_at = set(cfg.attention_resolutions)
-    if cfg.vocab_size > 0:
-      self.token_embed = nnx.Embed(cfg.vocab_size, cfg.context_dim, rngs=rngs)
-      self.pos_embed = nnx.Embed(cfg.max_prompt_len, cfg.context_dim, rngs=rngs)
-    self.time_in = nnx.Linear(cfg.channels, cfg.temb_dim, dtype=dtype, rngs=rngs)
-    self.time_out = nnx.Linear(cfg.temb_dim, cfg.temb_dim, dtype=dtype, rngs=rngs)
+    skip_dims = build_encoder(self, cfg, rngs)
+    prev = widths[-1]
     conv = dict(kernel_size=(3, 3), padding="SAME", dtype=dtype, rngs=rngs)
-    self.conv_in = nnx.Conv(cfg.in_channels, widths[0], **conv)
-
-    # Encoder. `skip_dims` records the width of every skip, in push order.
-    down, downsample, skip_dims = [], [], [widths[0]]
-    prev = widths[0]
-    for i, w in enumerate(widths):
-      level = []
-      for _ in range(cfg.num_res_blocks):
-        level.append(Stage(cfg, prev, w, sizes[i] in attn_at, rngs=rngs))
-        prev = w
-        skip_dims.append(w)
-      down.append(nnx.List(level))
-      if i < len(widths) - 1:
-        downsample.append(nnx.Conv(w, w, kernel_size=(3, 3), strides=(2, 2), padding="SAME",
-                                   dtype=dtype, rngs=rngs))
-        skip_dims.append(w)
-    self.down = nnx.List(down)
-    self.downsample = nnx.List(downsample)
-    self.mid_res1 = ResBlock(cfg, prev, prev, rngs=rngs)
-    self.mid_attn = AttnBlock(cfg, prev, rngs=rngs)
-    self.mid_res2 = ResBlock(cfg, prev, prev, rngs=rngs)
 
     # Decoder: levels in reverse, each ResBlock eats one skip (popped last-in first-out).
     up, upsample = [], []
@@ -402,18 +378,7 @@ class UNet(nnx.Module):
       in push order, consumed last-first by `decode`).
     """
     self._check_x(x, t)
-    temb, ctx = self.time_embed(t), self.embed_context(context)
-    h = self.conv_in(x.astype(jnp.dtype(self.cfg.dtype)))
-    skips = [h]
-    for i, level in enumerate(self.down):
-      for stage in level:
-        h = stage(h, temb, ctx)
-        skips.append(h)
-      if i < len(self.downsample):
-        h = self.downsample[i](h)
-        skips.append(h)
-    h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb), ctx), temb)
-    return h, tuple(skips)
+    return run_encoder(self, x, t, context)
 
   def decode(self, h: jax.Array, skips: tuple[jax.Array, ...], t: jax.Array,
              context: jax.Array) -> jax.Array:
@@ -446,6 +411,80 @@ class UNet(nnx.Module):
     """Full UNet: `decode(*encode(x, t, context), t, context)`, [B, H, W, C_out] float32."""
     h, skips = self.encode(x, t, context)
     return self.decode(h, skips, t, context)
+
+
+# ------------------------------------------------------------------ the encoder, shared
+
+
+def build_encoder(module: nnx.Module, cfg: UNetConfig, rngs: nnx.Rngs) -> list[int]:
+  """Creates the encoder's sub-modules as attributes of `module`; returns the skip widths.
+
+  The encoder is the prompt/time front end (`token_embed`, `pos_embed`, `time_in`,
+  `time_out`), `conv_in`, the down levels (`down`, `downsample`) and the mid block
+  (`mid_res1`, `mid_attn`, `mid_res2`). `UNet` and SwiftDiffusion's ControlNet (a trainable
+  copy of this encoder, initialised from the UNet's weights by path) both build it here, so
+  their parameter paths agree by construction.
+
+  Returns:
+    The width of every skip in push order (what the decoder consumes, last first).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  widths, sizes = cfg.widths, cfg.resolutions
+  attn_at = set(cfg.attention_resolutions)
+  if cfg.vocab_size > 0:
+    module.token_embed = nnx.Embed(cfg.vocab_size, cfg.context_dim, rngs=rngs)
+    module.pos_embed = nnx.Embed(cfg.max_prompt_len, cfg.context_dim, rngs=rngs)
+  module.time_in = nnx.Linear(cfg.channels, cfg.temb_dim, dtype=dtype, rngs=rngs)
+  module.time_out = nnx.Linear(cfg.temb_dim, cfg.temb_dim, dtype=dtype, rngs=rngs)
+  module.conv_in = nnx.Conv(cfg.in_channels, widths[0], kernel_size=(3, 3), padding="SAME",
+                            dtype=dtype, rngs=rngs)
+  down, downsample, skip_dims = [], [], [widths[0]]
+  prev = widths[0]
+  for i, w in enumerate(widths):
+    level = []
+    for _ in range(cfg.num_res_blocks):
+      level.append(Stage(cfg, prev, w, sizes[i] in attn_at, rngs=rngs))
+      prev = w
+      skip_dims.append(w)
+    down.append(nnx.List(level))
+    if i < len(widths) - 1:
+      downsample.append(nnx.Conv(w, w, kernel_size=(3, 3), strides=(2, 2), padding="SAME",
+                                 dtype=dtype, rngs=rngs))
+      skip_dims.append(w)
+  module.down = nnx.List(down)
+  module.downsample = nnx.List(downsample)
+  module.mid_res1 = ResBlock(cfg, prev, prev, rngs=rngs)
+  module.mid_attn = AttnBlock(cfg, prev, rngs=rngs)
+  module.mid_res2 = ResBlock(cfg, prev, prev, rngs=rngs)
+  return skip_dims
+
+
+def run_encoder(module: nnx.Module, x: jax.Array, t: jax.Array, context: jax.Array,
+                inject: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The encoder's forward on a module built by `build_encoder`.
+
+  Args:
+    module: a `UNet` or any module holding `build_encoder`'s attributes and a `cfg`.
+    x: [B, H, W, C] noisy input; t: [B] timesteps; context: as `UNet.embed_context`.
+    inject: optional [B, H, W, widths[0]] added after `conv_in` (a ControlNet's hint path).
+
+  Returns:
+    (bottleneck h, skips in push order), as `UNet.encode`.
+  """
+  temb, ctx = UNet.time_embed(module, t), UNet.embed_context(module, context)
+  h = module.conv_in(x.astype(jnp.dtype(module.cfg.dtype)))
+  if inject is not None:
+    h = h + inject
+  skips = [h]
+  for i, level in enumerate(module.down):
+    for stage in level:
+      h = stage(h, temb, ctx)
+      skips.append(h)
+    if i < len(module.downsample):
+      h = module.downsample[i](h)
+      skips.append(h)
+  h = module.mid_res2(module.mid_attn(module.mid_res1(h, temb), ctx), temb)
+  return h, tuple(skips)
 
 
 # ---------------------------------------------------------------------------- functional core

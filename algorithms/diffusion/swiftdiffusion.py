@@ -192,35 +192,12 @@ class ControlNet(nnx.Module):
                hint_width: int = 16, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
-    widths, sizes = cfg.widths, cfg.resolutions
-    attn_at = set(cfg.attention_resolutions)
-    if cfg.vocab_size > 0:
-      self.token_embed = nnx.Embed(cfg.vocab_size, cfg.context_dim, rngs=rngs)
-      self.pos_embed = nnx.Embed(cfg.max_prompt_len, cfg.context_dim, rngs=rngs)
-    self.time_in = nnx.Linear(cfg.channels, cfg.temb_dim, dtype=dtype, rngs=rngs)
-    self.time_out = nnx.Linear(cfg.temb_dim, cfg.temb_dim, dtype=dtype, rngs=rngs)
+    # The UNet's own encoder constructor: same attribute names and parameter paths.
+    skip_dims = unet_lib.build_encoder(self, cfg, rngs)
+    prev = cfg.widths[-1]
     conv = dict(kernel_size=(3, 3), padding="SAME", dtype=dtype, rngs=rngs)
-    self.conv_in = nnx.Conv(cfg.in_channels, widths[0], **conv)
     self.hint_conv = nnx.Conv(hint_channels, hint_width, **conv)
-    self.hint_out = _zero_conv(hint_width, widths[0], 3, dtype, rngs)
-    # Same construction order as `UNet`'s encoder, so the skip widths line up.
-    down, downsample, skip_dims, prev = [], [], [widths[0]], widths[0]
-    for i, w in enumerate(widths):
-      level = []
-      for _ in range(cfg.num_res_blocks):
-        level.append(unet_lib.Stage(cfg, prev, w, sizes[i] in attn_at, rngs=rngs))
-        prev = w
-        skip_dims.append(w)
-      down.append(nnx.List(level))
-      if i < len(widths) - 1:
-        downsample.append(nnx.Conv(w, w, kernel_size=(3, 3), strides=(2, 2), padding="SAME",
-                                   dtype=dtype, rngs=rngs))
-        skip_dims.append(w)
-    self.down = nnx.List(down)
-    self.downsample = nnx.List(downsample)
-    self.mid_res1 = unet_lib.ResBlock(cfg, prev, prev, rngs=rngs)
-    self.mid_attn = unet_lib.AttnBlock(cfg, prev, rngs=rngs)
-    self.mid_res2 = unet_lib.ResBlock(cfg, prev, prev, rngs=rngs)
+    self.hint_out = _zero_conv(hint_width, cfg.widths[0], 3, dtype, rngs)
     self.zero_skips = nnx.List([_zero_conv(d, d, 1, dtype, rngs) for d in skip_dims])
     self.zero_mid = _zero_conv(prev, prev, 1, dtype, rngs)
 
@@ -231,21 +208,8 @@ class ControlNet(nnx.Module):
     if hint.ndim != 4 or hint.shape[:3] != x.shape[:3]:
       raise ValueError(f"hint must be [B, H, W, hint_channels] matching x {x.shape}; got "
                        f"{hint.shape}")
-    # `UNet.time_embed` / `embed_context` are plain methods of the same sub-modules.
-    temb = unet_lib.UNet.time_embed(self, t)
-    ctx = unet_lib.UNet.embed_context(self, context)
-    dtype = jnp.dtype(cfg.dtype)
-    h = self.conv_in(x.astype(dtype))
-    h = h + self.hint_out(jax.nn.silu(self.hint_conv(hint.astype(dtype))))
-    skips = [h]
-    for i, level in enumerate(self.down):
-      for stage in level:
-        h = stage(h, temb, ctx)
-        skips.append(h)
-      if i < len(self.downsample):
-        h = self.downsample[i](h)
-        skips.append(h)
-    h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb), ctx), temb)
+    hint_h = self.hint_out(jax.nn.silu(self.hint_conv(hint.astype(jnp.dtype(cfg.dtype)))))
+    h, skips = unet_lib.run_encoder(self, x, t, context, inject=hint_h)
     return Residuals(self.zero_mid(h), tuple(z(s) for z, s in zip(self.zero_skips, skips)))
 
 
