@@ -51,6 +51,18 @@ def interleaved(candidates: Mapping[str, Callable[[], Any]], *, rounds: int = 5
   return out
 
 
+def warm_timed(fn: Callable[..., Any], *args) -> tuple[Any, float]:
+  """`(fn(*args), seconds)` of one call after a warm-up call (compile outside the timing).
+
+  For drivers that need a measured run's output and its time together (`interleaved` is for
+  side-by-side comparisons of several candidates).
+  """
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One side-by-side comparison in a benchmark report.

@@ -301,13 +301,6 @@ def _say(message: str) -> None:
     print(f"pearl: {message}", flush=True)
 
 
-def _timed(fn, *args):
-  jax.block_until_ready(fn(*args))  # compile (and warm) outside the timing
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
-
-
 def sweep(config, sd, pearls: dict, split: str, *, ks, key) -> dict[str, Run]:
   """Decodes one split with SD at every K (`sd` from `make_sd`) and PEARL at every gamma
   (`pearls[gamma]` from `make_pearl`)."""
@@ -316,14 +309,14 @@ def sweep(config, sd, pearls: dict, split: str, *, ks, key) -> dict[str, Run]:
   runs = {}
   for k in ks:
     _say(f"{split}: SD K={k}")
-    out, wall = _timed(sd, jnp.int32(k), prompts, keys)
+    out, wall = benchmarking.warm_timed(sd, jnp.int32(k), prompts, keys)
     drafted, accepted = np.asarray(out.drafted), np.asarray(out.accepted)
     keep = drafted >= 0
     runs[f"sd_k{k}"] = Run("sd", k, int(np.asarray(out.num_generated).sum()), drafted[keep],
                            accepted[keep], (int(accepted[keep].sum()), int(keep.sum())), wall)
   for g, decode in pearls.items():
     _say(f"{split}: PEARL gamma={g}")
-    out, wall = _timed(decode, prompts, keys)
+    out, wall = benchmarking.warm_timed(decode, prompts, keys)
     widths, accepted = np.asarray(out.width), np.asarray(out.accepted)
     mats = [pearl.mean_accepted_tokens(a[w >= 0], w[w >= 0])
             for a, w in zip(accepted, widths)]
