@@ -51,8 +51,13 @@ Differences from the papers / official code:
 * The MSE search uses the squared error (p = 2) as PTQ4DM's paper states, not QDrop's
   L_2.4 default; the symmetric grid is the signed integer grid, where BRECQ uses 2^b levels
   over [-max, max].
-* Per-timestep activation steps (QuEST's TimewiseUniformQuantizer) are not built in: an
-  `ActScale` of shape [S] indexed by the caller's timestep index plugs into `fake_quant` as is.
+* Per-timestep activation steps (QuEST's TimewiseUniformQuantizer): `to_timewise` swaps every
+  `ActQuant` for a `TimewiseActQuant` whose step/zero point have shape [S], one per sampler
+  timestep, gathered per sample at the index the caller sets with `set_time_index` (a
+  `TimeIndex` variable, int32 [B]); its observation passes keep per-timestep ranges and MSE
+  candidate errors, so `calibrate_activations` gives each timestep its own MSE step. The
+  step is gathered per sample, so a batch may mix timesteps, where QuEST's code sets one
+  current timestep per forward (`set_timestep`).
 * Fake quantization only: no integer kernels, so nothing here is faster than float.
 """
 
@@ -535,3 +540,143 @@ def calibrate_activations(graphdef: nnx.GraphDef, state: nnx.State, batches: Ite
       m.finalize(method)
       m.mode = "quant"
   return nnx.split(model)
+
+
+# ------------------------------------------------------------- time-wise activation steps
+
+
+class TimeIndex(nnx.Variable):
+  """Per-sample timestep index (int32 [B]) read by a `TimewiseActQuant`; set per call."""
+
+
+class TimewiseActQuant(ActQuant):
+  """An `ActQuant` with one step (and zero point) per sampler timestep (QuEST).
+
+  Variables: `scale`/`zero_point` [S] (`ActScale`), `lo`/`hi` [S] and `err` [S, K]
+  (`ActStat`), `t_index` int32 [B] (`TimeIndex`). Sample b of a batch is quantized with
+  step `scale[t_index[b]]`, so one batch may mix timesteps. With all S steps equal the
+  layer is the per-tensor `ActQuant` exactly.
+  """
+
+  def __init__(self, inner: nnx.Module, *, bits: int, num_steps: int, symmetric: bool = True,
+               num_candidates: int = 80, step: float = 0.01):
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+      raise ValueError(f"num_steps must be an int >= 1; got {num_steps!r}")
+    super().__init__(inner, bits=bits, symmetric=symmetric, num_candidates=num_candidates,
+                     step=step)
+    self.num_steps = int(num_steps)
+    self.scale = ActScale(jnp.ones((num_steps,), jnp.float32))
+    self.zero_point = ActScale(jnp.zeros((num_steps,), jnp.float32))
+    self.lo = ActStat(jnp.full((num_steps,), jnp.inf, jnp.float32))
+    self.hi = ActStat(jnp.full((num_steps,), -jnp.inf, jnp.float32))
+    self.err = ActStat(jnp.zeros((num_steps, num_candidates), jnp.float32))
+    self.t_index = TimeIndex(jnp.zeros((1,), jnp.int32))
+
+  def _per_sample(self, v: jax.Array, x: jax.Array) -> jax.Array:
+    """v [S] gathered at each sample's index and shaped [B, 1, ..., 1] to broadcast on x."""
+    idx = jnp.broadcast_to(self.t_index[...], (x.shape[0],))
+    return v[idx].reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, ..., in] -> the inner layer's output on the (per-timestep quantized) input."""
+    if self.mode == "fp":
+      return self.inner(x)
+    idx = jnp.broadcast_to(self.t_index[...], (x.shape[0],))
+    axes = tuple(range(1, x.ndim))
+    if self.mode == "quant":
+      x = fake_quant(x, self._per_sample(self.scale[...], x),
+                     self._per_sample(self.zero_point[...], x), bits=self.bits,
+                     symmetric=self.symmetric)
+    elif self.mode == "observe_range":
+      xf = jnp.asarray(x, jnp.float32)
+      # Empty segments give +inf / -inf: the running extremes are left as they were.
+      self.lo[...] = jnp.minimum(self.lo[...], jax.ops.segment_min(
+          jnp.min(xf, axis=axes), idx, num_segments=self.num_steps))
+      self.hi[...] = jnp.maximum(self.hi[...], jax.ops.segment_max(
+          jnp.max(xf, axis=axes), idx, num_segments=self.num_steps))
+    elif self.mode == "observe_mse":
+      lo, hi = self._observed_range()
+      errs = candidate_errors(x, self._per_sample(lo, x), self._per_sample(hi, x), self.alphas,
+                              bits=self.bits, symmetric=self.symmetric, reduce_axes=axes)
+      self.err[...] = self.err[...] + jax.ops.segment_sum(errs.T, idx,
+                                                          num_segments=self.num_steps)
+    return self.inner(x)
+
+  def _observed_range(self) -> tuple[jax.Array, jax.Array]:
+    """Per-step ranges; steps never observed fall back to the range over all steps."""
+    lo, hi = self.lo[...], self.hi[...]
+    seen = jnp.isfinite(lo) & jnp.isfinite(hi)
+    all_lo = jnp.min(jnp.where(seen, lo, jnp.inf))
+    all_hi = jnp.max(jnp.where(seen, hi, -jnp.inf))
+    # Nothing observed at all: an arbitrary finite range (the step is never used).
+    all_lo, all_hi = jnp.where(jnp.any(seen), all_lo, -1.0), jnp.where(jnp.any(seen), all_hi, 1.)
+    return jnp.where(seen, lo, all_lo), jnp.where(seen, hi, all_hi)
+
+  def finalize(self, method: str = "mse") -> None:
+    """Sets every step's scale/zero_point from its range (minmax) or best candidate (mse)."""
+    lo, hi = self._observed_range()
+    if method == "mse":
+      alpha = jnp.asarray(self.alphas)[jnp.argmin(self.err[...], axis=1)]
+      lo, hi = alpha * lo, alpha * hi
+    scale, zp = range_to_qparams(lo, hi, bits=self.bits, symmetric=self.symmetric)
+    self.scale[...], self.zero_point[...] = scale, zp
+
+
+def _set_child(model: nnx.Module, path: tuple, child: nnx.Module) -> None:
+  parent = model
+  for k in path[:-1]:
+    parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = child
+  else:
+    setattr(parent, path[-1], child)
+
+
+def to_timewise(graphdef: nnx.GraphDef, state: nnx.State, num_steps: int
+                ) -> tuple[nnx.GraphDef, nnx.State]:
+  """Replaces every per-tensor `ActQuant` by a `TimewiseActQuant` with S = num_steps steps.
+
+  Each new step table starts as S copies of the layer's current step and zero point (and
+  the same mode), so a calibrated model keeps its outputs exactly until the steps are
+  re-calibrated per timestep (`calibrate_activations`) or trained.
+
+  Args:
+    graphdef, state: a model from `add_act_quant` (calibrated or not).
+    num_steps: S, the number of sampler timesteps.
+
+  Returns:
+    (graphdef, state) of the time-wise model; set the index with `set_time_index`.
+  """
+  model = nnx.merge(graphdef, state)
+  targets = [(tuple(p), m) for p, m in nnx.iter_modules(model)
+             if type(m) is ActQuant]  # pylint: disable=unidiomatic-typecheck
+  if not targets:
+    raise ValueError("the model has no per-tensor ActQuant layer (use add_act_quant first)")
+  for path, m in targets:
+    grid_step = m.alphas[0] - m.alphas[1] if len(m.alphas) > 1 else 0.01
+    tw = TimewiseActQuant(m.inner, bits=m.bits, num_steps=num_steps, symmetric=m.symmetric,
+                          num_candidates=len(m.alphas), step=grid_step)
+    tw.alphas = m.alphas  # exactly the same MSE grid
+    tw.mode = m.mode
+    tw.scale[...] = jnp.broadcast_to(m.scale[...], (num_steps,))
+    tw.zero_point[...] = jnp.broadcast_to(m.zero_point[...], (num_steps,))
+    _set_child(model, path, tw)
+  return nnx.split(model)
+
+
+def set_time_index(model: nnx.Module, t_index: jax.Array) -> None:
+  """Sets the timestep index (int [B] or a scalar) of every `TimewiseActQuant` in place."""
+  t_index = jnp.atleast_1d(jnp.asarray(t_index, jnp.int32))
+  if t_index.ndim != 1:
+    raise ValueError(f"t_index must be a scalar or [B]; got shape {t_index.shape}")
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, TimewiseActQuant):
+      m.t_index.set_value(t_index)
+
+
+def timestep_index(t: jax.Array, timesteps: jax.Array) -> jax.Array:
+  """Index of the grid entry nearest to each t: int32 [B] for t [B] and a grid [S]."""
+  t = jnp.asarray(t)
+  grid = jnp.asarray(timesteps)
+  return jnp.argmin(jnp.abs(grid[None, :].astype(jnp.float32)
+                            - t.reshape(-1, 1).astype(jnp.float32)), axis=1).astype(jnp.int32)

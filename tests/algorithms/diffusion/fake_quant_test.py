@@ -2,7 +2,8 @@
 
 Oracles (spec card sections 12.5 and 15.5): the integer grid and its error bound, the STE
 gradient, a brute-force NumPy search over the same shrink grid, an independent per-channel
-loop, AdaRound's closed-form properties, and the float UNet on random weights.
+loop, AdaRound's closed-form properties, the float UNet on random weights, and for the
+time-wise quantizer (QuEST) the per-tensor one (all steps equal) and per-subset MSE searches.
 """
 
 import jax
@@ -185,3 +186,71 @@ def test_bad_inputs_raise():
   qg, qs = fq.add_act_quant(g, p, 8)
   with pytest.raises(ValueError, match="mode"):
     fq.set_act_mode(qg, qs, "int8")
+
+
+def _linear_act_quant(bits=4):
+  lin = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(nnx.Sequential(lin))
+  return fq.add_act_quant(graphdef, state, bits, num_candidates=30, step=0.02)
+
+
+def _timewise_apply(graphdef, state, x, t_index):
+  model = nnx.merge(graphdef, state)
+  fq.set_time_index(model, t_index)
+  return model(x)
+
+
+def test_timewise_with_equal_steps_is_per_tensor_and_steps_are_per_timestep():
+  # Samples at timestep s have scale 3^s: one shared step cannot fit them all.
+  key = jax.random.key(7)
+  t_index = jnp.array([0, 1, 2, 0, 1, 2, 0, 1], jnp.int32)
+  x = jax.random.normal(key, (8, 4, 6)) * (3.0 ** t_index)[:, None, None]
+  g, s = _linear_act_quant()
+  g, s = fq.calibrate_activations(g, s, [x], lambda m, b: m(b))
+  y_tensor = nnx.merge(g, s)(x)
+  tg, ts = fq.to_timewise(g, s, 3)
+  assert isinstance(nnx.merge(tg, ts).layers[0], fq.TimewiseActQuant)
+  # All Delta_t equal (the converted per-tensor step): bit-identical outputs, any indices.
+  np.testing.assert_array_equal(_timewise_apply(tg, ts, x, t_index), y_tensor)
+  np.testing.assert_array_equal(_timewise_apply(tg, ts, x, jnp.zeros(8, jnp.int32)), y_tensor)
+  # Per-timestep MSE calibration: step s equals the per-tensor MSE search on the samples
+  # of timestep s alone (an independent per-subset oracle).
+  fwd = lambda m, b: (fq.set_time_index(m, b[1]), m(b[0]))
+  tg, ts = fq.calibrate_activations(tg, ts, [(x, t_index)], fwd)
+  scales = np.asarray(nnx.merge(tg, ts).layers[0].scale[...])
+  for step in range(3):
+    ref, _ = fq.quant_params(x[np.asarray(t_index) == step], bits=4, method="mse",
+                             num_candidates=30, step=0.02)
+    np.testing.assert_allclose(scales[step], float(ref), rtol=1e-5)
+  assert scales[0] < scales[1] < scales[2]
+  # The quantized forward uses each sample's own step.
+  y = _timewise_apply(tg, ts, x, t_index)
+  layer = nnx.merge(tg, ts).layers[0]
+  xq = fq.fake_quant(x, jnp.asarray(scales)[t_index][:, None, None], bits=4)
+  np.testing.assert_allclose(y, layer.inner(xq), rtol=1e-6, atol=1e-6)
+  y_fp = nnx.merge(fq.set_act_mode(g, s, "fp"), s)(x)
+  err_tw, err_pt = float(jnp.mean((y - y_fp) ** 2)), float(jnp.mean((y_tensor - y_fp) ** 2))
+  assert err_tw < err_pt
+  # Gradients reach the step table only at the used timesteps (LSQ through the gather).
+  only0 = jnp.zeros(8, jnp.int32)
+  def loss(table):
+    model = nnx.merge(tg, jax.tree.map(lambda a: a, ts))  # fresh Variables in this trace
+    model.layers[0].scale[...] = table
+    fq.set_time_index(model, only0)
+    return jnp.sum(model(x) ** 2)
+  gs = np.asarray(jax.grad(loss)(jnp.asarray(scales)))
+  assert gs[0] != 0 and gs[1] == 0 and gs[2] == 0
+
+
+def test_timestep_index_and_timewise_bad_inputs():
+  grid = jnp.array([901, 601, 301, 1])
+  np.testing.assert_array_equal(fq.timestep_index(jnp.array([1, 601, 900, 290]), grid),
+                                [3, 1, 0, 2])
+  g, s = _linear_act_quant()
+  with pytest.raises(ValueError, match="num_steps"):
+    fq.to_timewise(g, s, 0)
+  lin = nnx.split(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+  with pytest.raises(ValueError, match="ActQuant"):
+    fq.to_timewise(*lin, 3)
+  with pytest.raises(ValueError, match="t_index"):
+    fq.set_time_index(nnx.merge(*fq.to_timewise(g, s, 3)), jnp.zeros((2, 2), jnp.int32))
