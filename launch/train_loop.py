@@ -23,6 +23,7 @@ Design, and why:
 """
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -105,9 +106,14 @@ def make_train_step(
   return train_step
 
 
+@functools.lru_cache(maxsize=8)
 def make_chunk_fn(train_step: Callable, *, host_data: bool = False,
                   unroll: int | bool = 1) -> Callable:
   """Jits `n` steps as one `lax.scan`; returns `(state, per-step metrics stacked)`.
+
+  Cached on `(train_step, host_data, unroll)`: `fit` calls with the same step function
+  (several models trained in turn with one loss, e.g. a method and its ablations) share one
+  jitted chunk and so compile once per shape, not once per call.
 
   The state argument is donated: its buffers are reused for the new state. `n` is static
   (one compilation for the regular chunk length, one for a shorter final chunk).

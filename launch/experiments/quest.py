@@ -135,6 +135,39 @@ def _q_ddim(spec, params, rest, w_scales, timewise, x_init, cond, alphas_cumprod
 # ------------------------------------------------------------------------------ training
 
 
+@functools.lru_cache(maxsize=4)
+def stage_step(spec, w_scales_key, stage: str, lr_w: float, lr_delta: float, label_key):
+  """The jitted-once training step of one stage, shared by every model trained in it.
+
+  QuEST and its two ablations train the same stage with the same graph and labels; only
+  their parameters, frozen rest and time-wise flag differ. Those ride in the state and the
+  batch, so `train_loop.fit` (which caches its jitted chunk per step function) compiles one
+  UNet training step per stage instead of one per model and stage. The cache keys wrap the
+  unhashable pytrees (`_Key`) by identity.
+  """
+  w_scales, label_tree = w_scales_key.value, label_key.value
+  tx = quest.optimizer(label_tree, lr_w, lr_delta)
+
+  def loss_fn(p, batch, key):
+    del key
+    return quest.stage_loss(spec, p, batch["rest"], w_scales, batch, stage, batch["timewise"])
+
+  return tx, train_loop.make_train_step(loss_fn, tx)
+
+
+class _Key:
+  """Hashes a pytree by identity, so an `lru_cache` key can hold it."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, _Key) and other.value is self.value
+
+
 def finetune(spec, params, rest, w_scales, batches, *, stage, label_tree, lr_w, lr_delta,
              epochs, timewise, workdir, prefix, log_every=1) -> tuple[dict, list]:
   """Runs one stage of one model with `train_loop.fit`: `epochs` passes over the batches.
@@ -151,19 +184,18 @@ def finetune(spec, params, rest, w_scales, batches, *, stage, label_tree, lr_w, 
   Returns:
     (trained params, history rows).
   """
-  tx = quest.optimizer(label_tree, lr_w, lr_delta)
-
-  def loss_fn(p, batch, key):
-    del key
-    return quest.stage_loss(spec, p, rest, w_scales, batch, stage, timewise)
-
-  step = train_loop.make_train_step(loss_fn, tx)
+  tx, step = stage_step(spec, _Key(w_scales), stage, lr_w, lr_delta, _Key(label_tree))
   num_steps = epochs * len(batches)
   stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+  flag = jnp.asarray(timewise)
 
   def host_batches(start, n):
     idx = np.arange(start, start + n) % len(batches)
-    return jax.tree.map(lambda a: a[idx], stacked)
+    # The frozen rest and the flag are per-model inputs of the shared step (see
+    # `stage_step`), repeated along the chunk axis like the data.
+    extra = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape),
+                         dict(rest=rest, timewise=flag))
+    return {**jax.tree.map(lambda a: a[idx], stacked), **extra}
 
   # A jitted identity gives every leaf the kind of a jitted step's output, so the chunk
   # function compiles once rather than again after its first update.

@@ -166,3 +166,25 @@ def test_save_and_load_tree_round_trip(tmp_path):
   assert checkpointing.tree_metadata(path) == {"seed": 3, "command": "python -m x"}
   with pytest.raises(checkpointing.CheckpointError, match="no saved tree"):
     checkpointing.load_tree(str(tmp_path / "missing"))
+
+
+def test_fits_with_one_step_function_trace_it_once(tmp_path):
+  """Two models trained in turn with the same step (a method and its ablation) share one
+  jitted chunk: the loss is traced once for both runs, and each run's result is its own."""
+  traces = []
+
+  def counting_loss(params, batch, key):
+    traces.append(1)
+    return loss_fn(params, batch, key)
+
+  tx = optax.sgd(0.05)
+  step = train_loop.make_train_step(counting_loss, tx, batch_fn=batch_fn)
+  finals = []
+  for i, w0 in enumerate((0.0, 1.0)):
+    state = train_loop.TrainState.create({"w": jnp.full((DIM,), w0, jnp.float32)}, tx,
+                                         jax.random.key(0))
+    out = train_loop.fit(state, step, num_steps=10, log_every=5, workdir=str(tmp_path / str(i)),
+                         checkpoint_every=10)
+    finals.append(np.asarray(out.state.params["w"]))
+  assert len(traces) == 1
+  assert not np.allclose(finals[0], finals[1])
