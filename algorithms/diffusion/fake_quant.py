@@ -324,17 +324,19 @@ def adaround_reconstruct(apply_fn: Callable[[jax.Array, Any], jax.Array], w: jax
 # ------------------------------------------------------------------------ quantized UNet
 
 
-def _walk(node: dict, prefix: tuple = ()):
+def leaf_paths(node: dict, prefix: tuple = ()):
+  """Yields `(path, leaf)` for every leaf of a nested dict (e.g. `nnx.to_pure_dict`), path a
+  tuple of keys, in insertion order."""
   for k, v in node.items():
     if isinstance(v, dict):
-      yield from _walk(v, prefix + (k,))
+      yield from leaf_paths(v, prefix + (k,))
     else:
       yield prefix + (k,), v
 
 
 def kernel_paths(params: nnx.State) -> list[tuple]:
   """Paths (tuples of keys) of every Linear/Conv kernel in an NNX params state."""
-  return [p for p, v in _walk(nnx.to_pure_dict(params))
+  return [p for p, v in leaf_paths(nnx.to_pure_dict(params))
           if p[-1] == "kernel" and jnp.ndim(v) in (2, 4)]
 
 

@@ -147,9 +147,11 @@ def gaussian_kernel(x: jax.Array, y: jax.Array,
 
 
 def polynomial_kernel(x: jax.Array, y: jax.Array, degree: int = 3,
-                      coef: float = 1.0) -> jax.Array:
-  """(x_i . y_j / d + coef)^degree: [m, d], [n, d] -> [m, n] (KID's kernel by default)."""
-  return (x @ y.T / x.shape[-1] + coef) ** degree
+                      coef: float = 1.0, gamma: float | None = None) -> jax.Array:
+  """(gamma x_i . y_j + coef)^degree: [m, d], [n, d] -> [m, n]; gamma None means 1 / d (KID's
+  kernel by default)."""
+  gram = x @ y.T / x.shape[-1] if gamma is None else gamma * (x @ y.T)
+  return (gram + coef) ** degree
 
 
 def mmd2(x: jax.Array, y: jax.Array, kernel: str | Callable = "gaussian", *,

@@ -86,17 +86,14 @@ def make_kernel(name: str, *, bandwidths: float | Sequence[float] = (0.05, 0.1, 
   if name == "polynomial":
     if int(degree) != degree or degree < 1:
       raise ValueError(f"degree must be an integer >= 1; got {degree}")
-    return lambda a, b: (_gamma(gamma, a) * (a @ b.T) + coef0) ** int(degree)
+    return lambda a, b: metrics.polynomial_kernel(a, b, int(degree), coef0, gamma)
   if name == "rbf":
+    # exp(-gamma ||a - b||^2) is the Gaussian kernel with sigma = 1 / sqrt(2 gamma).
     def rbf(a, b):
-      sq = jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :] - 2.0 * a @ b.T
-      return jnp.exp(-_gamma(gamma, a) * jnp.maximum(sq, 0.0))
+      g = 1.0 / a.shape[-1] if gamma is None else gamma
+      return metrics.gaussian_kernel(a, b, (2.0 * g) ** -0.5)
     return rbf
   raise ValueError(f"kernel name={name!r}; choose one of {KERNELS}")
-
-
-def _gamma(gamma, a):
-  return 1.0 / a.shape[-1] if gamma is None else gamma
 
 
 def mmd2_unbiased(x: jax.Array, y: jax.Array, kernel: Kernel) -> jax.Array:

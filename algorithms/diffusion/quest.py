@@ -135,14 +135,6 @@ def _set(tree: dict, path: Sequence, value) -> dict:
   return out
 
 
-def _walk(tree: dict, prefix: tuple = ()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _walk(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def trajectory_calibration(traj: samplers.Trajectory, cond: Any) -> ptq4dm.CalibSet:
   """Q-Diffusion's calibration set: every state of n float sampler trajectories.
 
@@ -220,7 +212,7 @@ def make_finetunable(graphdef: nnx.GraphDef, state: nnx.State, fp_params: nnx.St
   g, params, rest = nnx.split(model, (nnx.Param, fq.ActScale), ...)
   pure = nnx.to_pure_dict(params)
   fp = nnx.to_pure_dict(fp_params)
-  w_paths = [path for path, _ in _walk(pure)
+  w_paths = [path for path, _ in fq.leaf_paths(pure)
              if path[-1] == "kernel" and "inner" in path and _matches(path, layers)]
   if not w_paths:
     raise ValueError(f"layers={layers!r} match no quantized kernel")
@@ -306,7 +298,7 @@ def labels(params: dict, stage: str, stage1_layers: Sequence[tuple],
     return "frozen"
 
   out = {}
-  for path, _ in _walk(params):
+  for path, _ in fq.leaf_paths(params):
     out = _set_new(out, path, label(path))
   return out
 
@@ -356,11 +348,11 @@ def count_trained(params: dict, label_trees: Sequence[dict]) -> dict[str, int]:
   """Numbers of values trained in any stage: {"weight": .., "delta": .., "total": ..}."""
   kinds = {}
   for tree in label_trees:
-    for path, lab in _walk(tree):
+    for path, lab in fq.leaf_paths(tree):
       if lab != "frozen":
         kinds[path] = lab
   out = {"weight": 0, "delta": 0}
-  for path, v in _walk(params):
+  for path, v in fq.leaf_paths(params):
     if path in kinds:
       out[kinds[path]] += int(np.prod(np.shape(v)))
   out["total"] = out["weight"] + out["delta"]

@@ -286,6 +286,11 @@ def evaluate(config, teacher, structure, router_gd, params, ev, emb, *, settings
   return out
 
 
+@functools.partial(jax.jit, static_argnames=("structure",))
+def _gate(structure, params, mask):
+  return aptp_gates.gate_params(structure, params, mask)
+
+
 def _samples(config, teacher, structure, masks, index, tokens):
   """CFG DDIM samples: each prompt from its expert's mask (masks None: the dense teacher)."""
   from jaxrepro.launch import toy_t2i
@@ -296,11 +301,10 @@ def _samples(config, teacher, structure, masks, index, tokens):
     return np.asarray(toy_t2i.generate(toy_t2i.StandIn(graphdef, uparams, cfg, ac), tokens,
                                        key, num_steps=steps))
   out = np.zeros((len(tokens), 16, 16, 3), np.float32)
-  gate = jax.jit(lambda p, m: aptp_gates.gate_params(structure, p, m))
   for k in np.unique(index):
     # Every expert samples all prompts (one batch shape, one compile of the sampler step,
     # the teacher's initial noise) and keeps the prompts routed to it.
-    standin = toy_t2i.StandIn(graphdef, gate(uparams, jnp.asarray(masks[k])), cfg, ac)
+    standin = toy_t2i.StandIn(graphdef, _gate(structure, uparams, jnp.asarray(masks[k])), cfg, ac)
     images = np.asarray(toy_t2i.generate(standin, tokens, key, num_steps=steps))
     out[index == k] = images[index == k]
   return out

@@ -227,8 +227,6 @@ def test_gradient_through_two_step_sampler_matches_finite_differences():
 
 @pytest.mark.parametrize("kernel_name", ["polynomial", "gaussian"])
 def test_sharded_loss_and_grad_equal_single_device(kernel_name):
-  if jax.device_count() < 8:
-    pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
   mesh = mesh_lib.make_mesh((8,), ("data",))
   params, ac = toy_params(2), sch.make_alphas_cumprod("linear", 1000)
   ts = mmd_ddm.uniform_timesteps(3)

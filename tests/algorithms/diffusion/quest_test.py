@@ -92,8 +92,8 @@ def test_per_timestep_steps_are_subset_mse_optima(setup):
 
 def test_labels_select_the_card_groups(setup):
   spec, p, _, _ = setup["tw"]
-  lab1 = dict(quest._walk(quest.labels(p, "stage1", L1, L2)))
-  lab2 = dict(quest._walk(quest.labels(p, "stage2", L1, L2)))
+  lab1 = dict(fq.leaf_paths(quest.labels(p, "stage1", L1, L2)))
+  lab2 = dict(fq.leaf_paths(quest.labels(p, "stage2", L1, L2)))
   time_names = {"time_in", "time_out", "time_proj"}
   for path, lab in lab1.items():
     in_time = bool(time_names & set(path))
@@ -109,8 +109,8 @@ def test_labels_select_the_card_groups(setup):
   assert not any(time_names & set(path) for path in w2)
   d2 = {path for path, lab in lab2.items() if lab == "delta"}
   # Stage 2: every activation step table outside the time-embedding layers.
-  n_act = sum(1 for path, _ in quest._walk(p) if path[-1] == "zero_point")
-  n_time = sum(1 for path, _ in quest._walk(p) if path[-1] == "zero_point"
+  n_act = sum(1 for path, _ in fq.leaf_paths(p) if path[-1] == "zero_point")
+  n_time = sum(1 for path, _ in fq.leaf_paths(p) if path[-1] == "zero_point"
                and time_names & set(path))
   assert len(d2) == n_act - n_time and all(path[-1] == "scale" for path in d2)
   assert all(lab == "frozen" for path, lab in lab2.items() if path[-1] == "zero_point")
@@ -144,7 +144,7 @@ def test_selective_finetuning_freezes_everything_else_bit_identically(setup):
     p1, opt, loss = step(p1, opt)
     losses.append(float(loss))
   moved = {"weight": 0, "delta": 0}
-  for path, label in quest._walk(lab):
+  for path, label in fq.leaf_paths(lab):
     before, after = np.asarray(quest._get(p, path)), np.asarray(quest._get(p1, path))
     if label == "frozen":
       np.testing.assert_array_equal(after, before, err_msg=str(path))
